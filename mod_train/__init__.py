@@ -1,0 +1,1 @@
+"""mod-train: GPT pretraining with Mixture-of-Depths / Mixture-of-Experts layers."""
