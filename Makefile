@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine with only Python:
+#   make demo   - tokenize the bundled corpus, train on 2 processes, checkpoint, resume, log to MLflow
+#   make test   - the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install clean-demo
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@# torch first and pinned: an unpinned resolve would pull a multi-GB CUDA build.
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	@$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m launch.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean-demo:
+	rm -rf runs/demo data/demo mlruns mlflow.db mlartifacts

@@ -1,0 +1,44 @@
+"""Compose the Hydra config outside of ``@hydra.main`` (tests, tools) and turn it into typed objects."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from mod_train.config.schema import Config, register_configs
+
+
+def conf_dir() -> Path:
+    """The directory of the Hydra config groups (``conf/`` at the repository root)."""
+    env = os.environ.get("MOD_TRAIN_CONF")
+    if env:
+        return Path(env).resolve()
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``conf/config.yaml`` with command-line style overrides, as ``mod-train`` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """A typed ``Config`` (dataclasses) from a composed DictConfig; interpolations resolved."""
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config), type(obj)
+    return obj
+
+
+def to_plain_dict(cfg: Config | DictConfig) -> dict:
+    """The resolved config as plain Python containers (for MLflow params, checkpoint metadata)."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,172 @@
+"""Typed configuration for every Hydra group.
+
+Each dataclass is the schema of one group under ``conf/``. Hydra merges the YAML files
+onto these types, so an unknown key or a wrong type fails at start with the key named.
+Cross-field rules (layout vs world size, heads vs TP, ...) live in ``validate.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModConfig:
+    """Mixture-of-Depths routing (Raposo et al. 2024). Off by default: a dense model."""
+
+    enabled: bool = False
+    # Which layers are MoD: an explicit list of 0-based layer indices wins; otherwise every
+    # `every`-th layer starting at `offset` (every=2, offset=1: layers 1, 3, 5, ... as in the paper).
+    layers: Optional[List[int]] = None
+    every: int = 2
+    offset: int = 1
+    # Fraction of the sequence routed through the block; k = round(capacity * seq_len).
+    capacity: float = 0.125
+    # Optional per-layer capacities, aligned with the resolved list of MoD layers.
+    capacities: Optional[List[float]] = None
+    # How the router score scales the block output of a routed token: "sigmoid", "logit" or "none"
+    # ("none" only makes sense for tests: the router then gets no gradient).
+    router_weight: str = "sigmoid"
+    # Causal decision used at sampling time: "aux_loss" (BCE on the router's sigmoid) or
+    # "predictor" (a small MLP on a stop-gradient copy of the layer input).
+    causal: str = "aux_loss"
+    aux_loss_coeff: float = 0.01
+    predictor_hidden: int = 0  # 0: hidden_size // 8
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts MLP (megatron-core's MoE layer). num_experts=0: no MoE."""
+
+    num_experts: int = 0
+    layers: Optional[List[int]] = None
+    every: int = 1
+    offset: int = 0
+    top_k: int = 2
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: Optional[float] = None
+    capacity_factor: Optional[float] = None  # None: dropless
+    token_dispatcher: str = "alltoall"  # "alltoall" | "allgather"
+    ffn_hidden_size: Optional[int] = None
+    shared_expert_ffn_hidden_size: Optional[int] = None
+    # MoDE variants (MoD paper §3.5): "none" | "staged" | "integrated"
+    mode: str = "none"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention (= heads)
+    ffn_hidden_size: Optional[int] = None  # None: 4 x hidden (gelu) or 8/3 x hidden rounded (swiglu)
+    seq_length: int = 64
+    # None: taken from the tokenizer. If set, it must match the tokenizer exactly.
+    vocab_size: Optional[int] = None
+    # The embedding table is padded to a multiple of this (independent of TP, see validate.pad_vocab).
+    make_vocab_size_divisible_by: int = 128
+    normalization: str = "RMSNorm"  # "RMSNorm" | "LayerNorm"
+    activation: str = "swiglu"  # "swiglu" | "gelu"
+    position_embedding: str = "rope"  # "rope" | "learned_absolute"
+    rotary_base: int = 10000
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    tie_embeddings: bool = False
+    mod: ModConfig = field(default_factory=ModConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None  # virtual pipeline stages per rank (interleaved schedule)
+    ep: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 1
+    micro_batch_size: int = 2
+    # Samples per optimizer step over all data-parallel ranks; None = micro x DP (no accumulation).
+    global_batch_size: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # "cosine" | "constant" | "wsd"
+    decay_steps: Optional[int] = None  # None: train.max_steps
+    wsd_decay_fraction: float = 0.2  # WSD: fraction of decay_steps spent in the final decay
+
+
+@dataclass
+class DataConfig:
+    tokenizer_model: str = MISSING
+    # Indexed dataset prefixes (path without .bin/.idx) and optional blending weights.
+    paths: List[str] = field(default_factory=list)
+    weights: Optional[List[float]] = None
+    split: str = "98,2,0"
+    seed: int = 1234
+    cache_dir: Optional[str] = None  # None: <run_dir>/data_cache
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    max_steps: int = 100
+    # Stop this invocation after this many steps (saving a checkpoint first), like Megatron's
+    # --exit-interval. A later invocation with checkpoint.resume=auto carries on.
+    exit_interval: Optional[int] = None
+    log_interval: int = 1
+    eval_interval: int = 50
+    eval_iters: int = 2
+    seed: int = 1234
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16"
+    # Peak dense matmul TFLOP/s of one device, for MFU; None: looked up for known GPUs.
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: <run_dir>/checkpoints
+    save_interval: int = 50
+    keep_last: int = 2
+    resume: str = "auto"  # "auto" | "none" | a checkpoint directory
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: Optional[str] = None  # None: a local store under the working directory
+    experiment: str = "mod-train"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)

@@ -1,0 +1,261 @@
+"""All cross-field validation, run once before any process group starts.
+
+Every rule raises ``ConfigError`` with a message that names the keys involved and says what
+to change. Derived quantities (data-parallel size, micro-batches per step, padded vocab,
+which layers are MoD/MoE) are computed here once and handed around as ``Derived``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from mod_train.config.schema import Config
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work. The message says what to change."""
+
+
+@dataclass(frozen=True)
+class Derived:
+    world_size: int
+    dp: int
+    num_microbatches: int
+    global_batch_size: int
+    vocab_size: int  # the tokenizer's vocabulary
+    padded_vocab_size: int  # embedding rows (vocab padded for TP)
+    ffn_hidden_size: int
+    mod_layers: List[int]
+    mod_capacities: List[float]
+    moe_layers: List[int]
+    bf16: bool
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _layer_list(explicit: Optional[List[int]], every: int, offset: int, num_layers: int, key: str) -> List[int]:
+    if explicit is not None:
+        layers = sorted(set(int(i) for i in explicit))
+        bad = [i for i in layers if i < 0 or i >= num_layers]
+        _require(not bad, f"{key}.layers has index {bad} out of range for model.num_layers={num_layers} "
+                          f"(valid: 0..{num_layers - 1}).")
+        return layers
+    _require(every >= 1, f"{key}.every must be >= 1, got {every}.")
+    _require(0 <= offset < max(every, 1) or offset < num_layers,
+             f"{key}.offset={offset} must be below {key}.every={every}.")
+    return [i for i in range(num_layers) if i >= offset and (i - offset) % every == 0]
+
+
+def default_ffn_hidden_size(hidden: int, activation: str) -> int:
+    if activation == "swiglu":
+        # LLaMA's convention: 2/3 of 4h, rounded up to a multiple of 64 for matmul efficiency.
+        return ((int(8 * hidden / 3) + 63) // 64) * 64
+    return 4 * hidden
+
+
+def pad_vocab(vocab: int, divisible_by: int) -> int:
+    # Unlike Megatron (which pads to divisible_by x TP), the padding does not depend on the
+    # layout, so the embedding has the same shape under every TP size and checkpoints reshard.
+    return ((vocab + divisible_by - 1) // divisible_by) * divisible_by
+
+
+def tokenizer_vocab_size(path: str) -> int:
+    """Vocabulary size of a sentencepiece model, with a clear error for a bad path."""
+    p = Path(path)
+    _require(p.is_file(), f"data.tokenizer_model: no tokenizer file at '{path}'. Train one with "
+                          f"`mod-prep-tokenizer` or point data.tokenizer_model at an existing .model file.")
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=str(p)).vocab_size()
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError for a corrupt file
+        raise ConfigError(f"data.tokenizer_model: '{path}' is not a readable sentencepiece model ({e}).") from e
+
+
+def check_data_paths(paths: List[str], weights: Optional[List[float]]) -> None:
+    _require(len(paths) > 0, "data.paths is empty: give at least one indexed dataset prefix "
+                             "(the path of a .bin/.idx pair without the extension), made by `mod-prep-data`.")
+    for prefix in paths:
+        missing = [ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
+        _require(not missing, f"data.paths: '{prefix}' has no {' or '.join(missing)} file "
+                              f"(looked for {prefix}.bin and {prefix}.idx). Tokenize with `mod-prep-data` "
+                              f"or fix the path (a prefix, without .bin/.idx).")
+    if weights is not None:
+        _require(len(weights) == len(paths), f"data.weights has {len(weights)} entries but data.paths has "
+                                             f"{len(paths)}: give one weight per path or none.")
+        _require(all(w >= 0 for w in weights) and sum(weights) > 0, "data.weights must be >= 0 with a positive sum.")
+
+
+def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = True,
+             has_cuda: Optional[bool] = None) -> Derived:
+    """Check every cross-field rule; return the derived layout. No torch.distributed here."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if has_cuda is None:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    m, par, opt, tr = cfg.model, cfg.parallel, cfg.optim, cfg.train
+
+    # ---- sizes
+    for key, val in [("parallel.tp", par.tp), ("parallel.pp", par.pp), ("parallel.ep", par.ep),
+                     ("parallel.cp", par.cp), ("parallel.micro_batch_size", par.micro_batch_size),
+                     ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                     ("model.num_attention_heads", m.num_attention_heads), ("model.seq_length", m.seq_length),
+                     ("train.max_steps", tr.max_steps)]:
+        _require(val >= 1, f"{key} must be >= 1, got {val}.")
+    _require(par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {par.zero_stage}.")
+
+    # ---- layout vs world size
+    model_parallel = par.tp * par.pp * par.cp
+    _require(world_size % model_parallel == 0,
+             f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp = "
+             f"{par.tp} x {par.pp} x {par.cp} = {model_parallel}. Launch a multiple of {model_parallel} "
+             f"processes or change the layout.")
+    dp = world_size // model_parallel
+    _require((dp * par.cp) % par.ep == 0,
+             f"parallel.ep={par.ep} must divide data-parallel x context-parallel size = {dp} x {par.cp} "
+             f"(world {world_size} / (tp {par.tp} x pp {par.pp})). Lower parallel.ep or add processes.")
+
+    # ---- attention vs TP
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}.")
+    _require(m.num_attention_heads % par.tp == 0,
+             f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={par.tp}: "
+             f"choose a TP size that divides the number of heads.")
+    groups = m.num_query_groups or m.num_attention_heads
+    _require(m.num_attention_heads % groups == 0,
+             f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups={groups}.")
+    _require(groups % par.tp == 0,
+             f"model.num_query_groups={groups} is not divisible by parallel.tp={par.tp}.")
+    if m.position_embedding == "rope":
+        _require((m.hidden_size // m.num_attention_heads) % 2 == 0, "rotary embeddings need an even head dimension.")
+
+    # ---- pipeline
+    stages = par.pp * (par.vpp or 1)
+    _require(m.num_layers % stages == 0,
+             f"model.num_layers={m.num_layers} is not divisible by parallel.pp x parallel.vpp = {stages}: "
+             f"every pipeline stage needs the same number of layers.")
+    if par.vpp is not None:
+        _require(par.pp > 1, "parallel.vpp (virtual pipeline stages) needs parallel.pp > 1.")
+        _require(par.vpp >= 2, f"parallel.vpp must be >= 2 when set, got {par.vpp} (use null for no interleaving).")
+
+    # ---- sequence parallel
+    if par.sequence_parallel:
+        _require(par.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1.")
+        _require(m.seq_length % par.tp == 0,
+                 f"model.seq_length={m.seq_length} is not divisible by parallel.tp={par.tp}, which sequence "
+                 f"parallel requires.")
+
+    # ---- batch
+    gbs = par.global_batch_size or par.micro_batch_size * dp
+    _require(gbs % (par.micro_batch_size * dp) == 0,
+             f"parallel.global_batch_size={gbs} is not divisible by parallel.micro_batch_size x data-parallel "
+             f"size = {par.micro_batch_size} x {dp} = {par.micro_batch_size * dp}.")
+    num_microbatches = gbs // (par.micro_batch_size * dp)
+    if par.pp > 1 and par.vpp is not None:
+        _require(num_microbatches % par.pp == 0,
+                 f"the interleaved pipeline schedule needs micro-batches per step ({num_microbatches}) to be a "
+                 f"multiple of parallel.pp={par.pp}: raise parallel.global_batch_size.")
+    if par.pp > 1:
+        _require(par.zero_stage <= 1,
+                 f"parallel.zero_stage={par.zero_stage} with parallel.pp={par.pp}: ZeRO-2/3 partition gradients "
+                 f"during backward, which megatron's pipeline schedule does not support here. Use "
+                 f"parallel.zero_stage=1 (or 0) with pipeline parallelism.")
+
+    # ---- optimiser / schedule
+    _require(opt.schedule in ("cosine", "constant", "wsd"),
+             f"optim.schedule must be cosine, constant or wsd, got '{opt.schedule}'.")
+    _require(opt.lr > 0 and 0 <= opt.min_lr <= opt.lr, f"need 0 <= optim.min_lr <= optim.lr and lr > 0.")
+    _require(opt.warmup_steps >= 0, "optim.warmup_steps must be >= 0.")
+    _require(0.0 < opt.wsd_decay_fraction <= 1.0, "optim.wsd_decay_fraction must be in (0, 1].")
+
+    # ---- model choices
+    _require(m.normalization in ("RMSNorm", "LayerNorm"), f"model.normalization must be RMSNorm or LayerNorm, got '{m.normalization}'.")
+    _require(m.activation in ("swiglu", "gelu"), f"model.activation must be swiglu or gelu, got '{m.activation}'.")
+    _require(m.position_embedding in ("rope", "learned_absolute"),
+             f"model.position_embedding must be rope or learned_absolute, got '{m.position_embedding}'.")
+    ffn = m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.activation)
+    _require(ffn % par.tp == 0, f"FFN hidden size {ffn} is not divisible by parallel.tp={par.tp}.")
+
+    # ---- precision
+    _require(tr.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got '{tr.precision}'.")
+    bf16 = tr.precision == "bf16" or (tr.precision == "auto" and has_cuda)
+
+    # ---- MoD
+    mod_layers: List[int] = []
+    mod_caps: List[float] = []
+    if m.mod.enabled:
+        mod_layers = _layer_list(m.mod.layers, m.mod.every, m.mod.offset, m.num_layers, "model.mod")
+        _require(len(mod_layers) > 0, "model.mod.enabled=true but no layer is selected: check model.mod.layers/every/offset.")
+        caps = list(m.mod.capacities) if m.mod.capacities is not None else [m.mod.capacity] * len(mod_layers)
+        _require(len(caps) == len(mod_layers),
+                 f"model.mod.capacities has {len(caps)} entries for {len(mod_layers)} MoD layers {mod_layers}.")
+        for layer, cap in zip(mod_layers, caps):
+            _require(0.0 < cap <= 1.0, f"MoD capacity for layer {layer} is {cap}: it must be in (0, 1].")
+            k = round(cap * m.seq_length)
+            _require(k >= 1, f"MoD capacity {cap} x model.seq_length {m.seq_length} rounds to k={k} routed tokens "
+                             f"in layer {layer}: raise the capacity or the sequence length so that k >= 1.")
+        _require(m.mod.router_weight in ("sigmoid", "logit", "none"),
+                 f"model.mod.router_weight must be sigmoid, logit or none, got '{m.mod.router_weight}'.")
+        _require(m.mod.causal in ("aux_loss", "predictor"),
+                 f"model.mod.causal must be aux_loss or predictor, got '{m.mod.causal}'.")
+        mod_caps = caps
+        if par.cp > 1:
+            raise ConfigError("model.mod with parallel.cp > 1 is not supported: top-k routing needs the whole "
+                              "sequence on one rank. Use parallel.cp=1.")
+
+    # ---- MoE
+    moe_layers: List[int] = []
+    if m.moe.num_experts > 0:
+        moe_layers = _layer_list(m.moe.layers, m.moe.every, m.moe.offset, m.num_layers, "model.moe")
+        _require(m.moe.num_experts % par.ep == 0,
+                 f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.ep={par.ep}.")
+        _require(1 <= m.moe.top_k <= m.moe.num_experts,
+                 f"model.moe.top_k={m.moe.top_k} must be between 1 and model.moe.num_experts={m.moe.num_experts}.")
+        _require(m.moe.token_dispatcher in ("alltoall", "allgather"),
+                 f"model.moe.token_dispatcher must be alltoall or allgather, got '{m.moe.token_dispatcher}'.")
+    else:
+        _require(par.ep == 1, f"parallel.ep={par.ep} but the model has no experts (model.moe.num_experts=0).")
+
+    # ---- data and tokenizer
+    vocab = m.vocab_size or 0
+    if check_files:
+        tok_vocab = tokenizer_vocab_size(cfg.data.tokenizer_model)
+        if m.vocab_size is not None:
+            _require(m.vocab_size == tok_vocab,
+                     f"model.vocab_size={m.vocab_size} does not match the tokenizer's vocabulary of {tok_vocab} "
+                     f"({cfg.data.tokenizer_model}). Set model.vocab_size={tok_vocab} or null (take it from the tokenizer).")
+        vocab = tok_vocab
+        check_data_paths(list(cfg.data.paths), None if cfg.data.weights is None else list(cfg.data.weights))
+    _require(vocab >= 1, "model.vocab_size is unknown: set data.tokenizer_model (or model.vocab_size).")
+    padded_vocab = pad_vocab(vocab, m.make_vocab_size_divisible_by)
+    _require(padded_vocab % par.tp == 0,
+             f"the padded vocabulary ({padded_vocab}) is not divisible by parallel.tp={par.tp}: raise "
+             f"model.make_vocab_size_divisible_by to a multiple of {par.tp}.")
+
+    # ---- checkpoints / logging
+    _require(cfg.checkpoint.save_interval >= 1, "checkpoint.save_interval must be >= 1.")
+    _require(tr.log_interval >= 1, "train.log_interval must be >= 1.")
+    if tr.exit_interval is not None:
+        _require(tr.exit_interval >= 1, "train.exit_interval must be >= 1 (or null).")
+
+    return Derived(
+        world_size=world_size,
+        dp=dp,
+        num_microbatches=num_microbatches,
+        global_batch_size=gbs,
+        vocab_size=vocab,
+        padded_vocab_size=padded_vocab,
+        ffn_hidden_size=ffn,
+        mod_layers=mod_layers,
+        mod_capacities=mod_caps,
+        moe_layers=moe_layers,
+        bf16=bf16,
+    )

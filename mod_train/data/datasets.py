@@ -1,0 +1,77 @@
+"""Train/valid datasets over indexed files, built with megatron-core's BlendedMegatronDatasetBuilder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from mod_train.config.schema import Config
+from mod_train.config.validate import Derived
+
+
+@dataclass
+class Datasets:
+    train: GPTDataset
+    valid: Optional[GPTDataset]
+
+
+def build_datasets(cfg: Config, derived: Derived, tokenizer, run_dir: Path) -> Datasets:
+    """Sample-indexed datasets big enough for the whole run (megatron samples with its own seed)."""
+    gbs = derived.global_batch_size
+    train_samples = cfg.train.max_steps * gbs
+    evals = cfg.train.max_steps // cfg.train.eval_interval + 1
+    valid_samples = evals * cfg.train.eval_iters * gbs
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data_cache"
+    config = GPTDatasetConfig(
+        random_seed=cfg.data.seed,
+        sequence_length=cfg.model.seq_length,
+        blend=(list(cfg.data.paths), None if cfg.data.weights is None else list(cfg.data.weights)),
+        split=cfg.data.split,
+        path_to_cache=str(cache),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        # Attention is causal by mask type; no dense mask tensor travels with each sample.
+        create_attention_mask=False,
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, None], lambda: True, config
+    ).build()
+    return Datasets(train=train, valid=valid)
+
+
+class MicroBatches:
+    """Deterministic, resumable micro-batches for one data-parallel rank.
+
+    Global sample order is the dataset's; each optimizer step consumes ``global_batch_size``
+    samples, split into micro-batches, each spread over the DP ranks (as Megatron's
+    pretraining sampler). Resuming only needs ``consumed_samples``.
+    """
+
+    def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 device: torch.device):
+        self.dataset = dataset
+        self.consumed_samples = consumed_samples
+        self.mbs = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.device = device
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        start = self.consumed_samples + self.dp_rank * self.mbs
+        idx = [(start + j) % len(self.dataset) for j in range(self.mbs)]
+        samples = [self.dataset[i] for i in idx]
+        self.consumed_samples += self.mbs * self.dp_size
+        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        if self.device.type == "cuda":
+            batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return batch

@@ -1,0 +1,98 @@
+"""Process group and megatron parallel_state initialisation (NCCL on GPU, gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from mod_train.config.schema import ParallelConfig
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_env_for_single_process() -> None:
+    """Allow `python -m mod_train.train` without torchrun: a world of one on localhost."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -> DistEnv:
+    """Start torch.distributed (via DeepSpeed, so its comm layer is set up too) and parallel_state."""
+    import deepspeed
+
+    from mod_train.distributed.cpu_compat import apply_cpu_compat
+
+    ensure_env_for_single_process()
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda:
+        apply_cpu_compat()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if has_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if has_cuda else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        distributed_timeout_minutes=timeout_minutes,
+        # megatron's gloo side-groups are only needed for its distributed optimizer; on CPU the
+        # main groups already are gloo.
+        create_gloo_process_groups=has_cuda,
+    )
+    seed_everything(seed)
+    return DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
+                   device=device, backend=backend)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank for parameter init; megatron's tracker adds the TP/PP offsets."""
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

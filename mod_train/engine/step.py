@@ -1,0 +1,130 @@
+"""One training (or evaluation) step: megatron-core's forward/backward schedule + DeepSpeed's step.
+
+Megatron's schedule (no pipelining, 1F1B, or interleaved) runs every micro-batch and calls
+``torch.autograd.backward`` itself; DeepSpeed (configured with
+``managed_gradient_accumulation=false``) accepts that torch-style backward and does the ZeRO
+reduction, clipping and the optimizer update in ``engine.step()``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mod_train.model.aux_losses import AuxLossRecorder
+
+
+class ChunkView:
+    """What megatron's schedule sees as one model chunk.
+
+    Calls go through the DeepSpeed engine (whose forward registers the hooks that let ZeRO
+    accept a plain ``backward``); attributes such as ``set_input_tensor`` and ``config`` are
+    found on the chunk itself via ``.module`` (megatron's ``get_attr_wrapped_model`` unwraps it).
+    Under ZeRO stage 0 DeepSpeed does not support torch-style backward, so the chunk is called
+    directly and DeepSpeed all-reduces gradients in ``step()``.
+    """
+
+    def __init__(self, engine, index: int, through_engine: bool):
+        self.engine = engine
+        self.index = index
+        self.module = engine.module[index]
+        self.through_engine = through_engine
+
+    def __call__(self, *args, **kwargs):
+        if self.through_engine:
+            return self.engine(*args, chunk=self.index, **kwargs)
+        return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+
+    def eval(self):
+        self.module.eval()
+
+
+class ModelChunks(torch.nn.ModuleList):
+    """The container handed to DeepSpeed: one GPTModel per virtual pipeline stage."""
+
+    def forward(self, *args, chunk: int = 0, **kwargs):
+        return self[chunk](*args, **kwargs)
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    losses = output.float()
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses.view(-1) * mask) / mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach()}
+
+
+def make_forward_step(aux: AuxLossRecorder) -> Callable:
+    def forward_step(data_iterator: Iterator[dict], model: ChunkView):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, lambda out: _loss_func(batch["loss_mask"], out)
+
+    return forward_step
+
+
+class StepRunner:
+    def __init__(self, engine, cfg, derived, aux: AuxLossRecorder):
+        self.engine = engine
+        self.cfg = cfg
+        self.derived = derived
+        self.aux = aux
+        through_engine = cfg.parallel.zero_stage > 0
+        self.views: List[ChunkView] = [ChunkView(engine, i, through_engine) for i in range(len(engine.module))]
+        self.forward_backward = get_forward_backward_func()
+        self.forward_step = make_forward_step(aux)
+
+    def _run(self, data_iterator, forward_only: bool) -> Dict[str, float]:
+        n_chunks = len(self.views)
+        iterators = data_iterator if n_chunks == 1 else [data_iterator] * n_chunks
+        model = self.views[0] if n_chunks == 1 else self.views
+        self.aux.reset()
+        losses = self.forward_backward(
+            forward_step_func=self.forward_step,
+            data_iterator=iterators,
+            model=model,
+            num_microbatches=self.derived.num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.parallel.micro_batch_size,
+            forward_only=forward_only,
+        )
+        return self._reduce_losses(losses)
+
+    def _reduce_losses(self, losses: List[dict]) -> Dict[str, float]:
+        """Mean lm loss over micro-batches and data-parallel ranks, known on every rank.
+
+        Only the last pipeline stage computes the loss; it is broadcast over the pipeline group.
+        """
+        value = torch.zeros(1, dtype=torch.float64)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            value[0] = sum(float(d["lm loss"]) for d in losses) / max(len(losses), 1)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(value, src=last, group=ps.get_pipeline_model_parallel_group())
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(value, group=ps.get_data_parallel_group())
+            value /= ps.get_data_parallel_world_size()
+        out = {"lm loss": float(value[0])}
+        out.update(self.aux.summary())
+        return out
+
+    def train_step(self, data_iterator) -> Dict[str, float]:
+        for v in self.views:
+            v.train()
+        metrics = self._run(data_iterator, forward_only=False)
+        metrics["learning rate"] = float(self.engine.get_lr()[0])  # the LR this update uses
+        self.engine.step()
+        metrics["grad norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        return metrics
+
+    @torch.no_grad()
+    def eval_step(self, data_iterator) -> Dict[str, float]:
+        for v in self.views:
+            v.eval()
+        return self._run(data_iterator, forward_only=True)

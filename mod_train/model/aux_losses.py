@@ -1,0 +1,35 @@
+"""Collect per-layer routing statistics (MoD, MoE) from the model's modules for logging.
+
+Layers that route tokens keep their statistics of the last forward pass in themselves and
+expose them through ``routing_stats() -> dict[str, float]``; this walks the model and averages
+them over the micro-batches of a step. No global state: the recorder owns the accumulation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, Iterable
+
+import torch
+
+
+class AuxLossRecorder:
+    def __init__(self, chunks: Iterable[torch.nn.Module] = ()):
+        self.layers = [m for c in chunks for m in c.modules() if hasattr(m, "routing_stats")]
+        for m in self.layers:
+            if hasattr(m, "attach_recorder"):
+                m.attach_recorder(self)
+        self._sums: Dict[str, float] = defaultdict(float)
+        self._counts: Dict[str, int] = defaultdict(int)
+
+    def reset(self) -> None:
+        self._sums.clear()
+        self._counts.clear()
+
+    def record(self, name: str, value: float) -> None:
+        """Called by a routing layer once per forward pass (one micro-batch)."""
+        self._sums[name] += float(value)
+        self._counts[name] += 1
+
+    def summary(self) -> Dict[str, float]:
+        return {k: self._sums[k] / self._counts[k] for k in self._sums}

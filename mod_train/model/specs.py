@@ -1,0 +1,87 @@
+"""Which megatron-core layer spec each transformer layer gets: dense, MoD, MoE or MoDE.
+
+This is the one place that decides per-layer structure. MoD layers are a spec whose module
+wraps megatron-core's TransformerLayer (see ``mod.py``); MoE layers swap the MLP submodule for
+megatron-core's MoELayer. Nothing here forks megatron-core.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import List
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from mod_train.config.schema import ModelConfig
+from mod_train.config.validate import Derived
+from mod_train.model.attention import SDPAttention
+
+
+def _use_transformer_engine() -> bool:
+    """Transformer Engine kernels on GPU when installed; megatron-core's local modules otherwise."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def base_layer_spec(model: ModelConfig, moe: bool) -> ModuleSpec:
+    """The dense (or MoE) transformer layer spec from megatron-core."""
+    num_experts = model.moe.num_experts if moe else None
+    if _use_transformer_engine():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
+    spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts, normalization=model.normalization))
+    # megatron-core's local attention materialises masks with CUDA-only helpers; SDPA is both
+    # portable and the fast kernel (see attention.py).
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def final_layer_norm(model: ModelConfig):
+    if _use_transformer_engine():
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from megatron.core.models.backends import LocalSpecProvider
+
+    return LocalSpecProvider().layer_norm(rms_norm=model.normalization == "RMSNorm", for_qk=False)
+
+
+def layer_specs(model: ModelConfig, derived: Derived) -> List[ModuleSpec]:
+    """One spec per global layer index 0..num_layers-1."""
+    specs: List[ModuleSpec] = []
+    mod_capacity = dict(zip(derived.mod_layers, derived.mod_capacities))
+    for idx in range(model.num_layers):
+        spec = base_layer_spec(model, moe=idx in derived.moe_layers)
+        if idx in mod_capacity:
+            # Mixture-of-Depths: the layer's block only sees the top-k tokens (mod.py).
+            from mod_train.model.mod import mod_layer_spec
+
+            spec = mod_layer_spec(spec, capacity=mod_capacity[idx], mod=model.mod, seq_length=model.seq_length)
+        specs.append(spec)
+    return specs
+
+
+def decoder_block_spec(
+    model: ModelConfig, derived: Derived, config: TransformerConfig, vp_stage: int | None = None
+) -> TransformerBlockSubmodules:
+    """The specs of the layers that live on this pipeline stage (and virtual stage)."""
+    specs = layer_specs(model, derived)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    layer_norm = final_layer_norm(model)
+    return TransformerBlockSubmodules(layer_specs=specs[offset: offset + count], layer_norm=layer_norm)
