@@ -75,6 +75,7 @@ class StepRunner:
         self.cfg = cfg
         self.derived = derived
         self.aux = aux
+        aux.set_aux_loss_scale(1.0 / derived.num_microbatches)
         through_engine = cfg.parallel.zero_stage > 0
         self.views: List[ChunkView] = [ChunkView(engine, i, through_engine) for i in range(len(engine.module))]
         self.forward_backward = get_forward_backward_func()
@@ -120,7 +121,9 @@ class StepRunner:
         metrics = self._run(data_iterator, forward_only=False)
         metrics["learning rate"] = float(self.engine.get_lr()[0])  # the LR this update uses
         self.engine.step()
-        metrics["grad norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        grad_norm = self.engine.get_global_grad_norm()  # None under ZeRO stage 0 (DeepSpeed keeps it internal)
+        if grad_norm is not None:
+            metrics["grad norm"] = float(grad_norm)
         return metrics
 
     @torch.no_grad()

@@ -26,10 +26,19 @@ class AuxLossRecorder:
         self._sums.clear()
         self._counts.clear()
 
-    def record(self, name: str, value: float) -> None:
-        """Called by a routing layer once per forward pass (one micro-batch)."""
-        self._sums[name] += float(value)
+    def record(self, name: str, value: torch.Tensor) -> None:
+        """Called by a routing layer once per forward pass (one micro-batch).
+
+        Values stay tensors on the device: converting here would force a host sync per layer.
+        """
+        self._sums[name] = self._sums[name] + value.detach()
         self._counts[name] += 1
 
     def summary(self) -> Dict[str, float]:
-        return {k: self._sums[k] / self._counts[k] for k in self._sums}
+        return {k: float(self._sums[k]) / self._counts[k] for k in self._sums}
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """Auxiliary-loss gradients are scaled like the LM loss (1 / micro-batches per step)."""
+        for m in self.layers:
+            if hasattr(m, "aux_loss_scale"):
+                m.aux_loss_scale = scale
