@@ -1,0 +1,74 @@
+"""Bad configs fail at start, before any process group, with a message naming what to change."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mod_train.config import ConfigError, validate
+from mod_train.config.load import compose, to_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cfg_with(*overrides):
+    return to_config(compose(list(overrides)))
+
+
+def check(*overrides, world_size=1):
+    return validate(cfg_with("model.vocab_size=500", *overrides), world_size=world_size, check_files=False,
+                    has_cuda=False)
+
+
+def test_defaults_validate_and_derive_layout():
+    d = check("parallel.micro_batch_size=2", "parallel.global_batch_size=16", world_size=4)
+    assert (d.dp, d.num_microbatches, d.global_batch_size) == (4, 2, 16)
+    assert d.mod_layers == [] and not d.bf16
+
+
+@pytest.mark.parametrize("overrides,world,needle", [
+    (["parallel.tp=2", "parallel.pp=2"], 6, "world size 6 is not divisible by parallel.tp x parallel.pp"),
+    (["parallel.tp=3"], 3, "num_attention_heads=4 is not divisible by parallel.tp=3"),
+    (["parallel.pp=3"], 3, "num_layers=4 is not divisible by parallel.pp"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_length=63"], 2, "seq_length=63 is not divisible"),
+    (["parallel.global_batch_size=10", "parallel.micro_batch_size=4"], 1, "global_batch_size=10 is not divisible"),
+    (["parallel.pp=2", "parallel.zero_stage=2"], 2, "zero_stage=2 with parallel.pp=2"),
+    (["parallel.ep=2"], 2, "no experts"),
+    (["model.moe.num_experts=3", "parallel.ep=2"], 2, "num_experts=3 is not divisible by parallel.ep=2"),
+    (["model.moe.num_experts=2", "model.moe.top_k=3"], 1, "top_k=3 must be between 1"),
+    (["model=tiny_mod", "model.mod.capacity=0"], 1, "it must be in (0, 1]"),
+    (["model=tiny_mod", "model.mod.capacity=1.5"], 1, "it must be in (0, 1]"),
+    (["model=tiny_mod", "model.mod.layers=[7]"], 1, "out of range for model.num_layers=4"),
+    (["model=tiny_mod", "model.mod.capacity=0.001"], 1, "rounds to k=0"),
+    (["optim.schedule=linear"], 1, "optim.schedule must be"),
+])
+def test_impossible_configs_are_rejected(overrides, world, needle):
+    with pytest.raises(ConfigError) as e:
+        check(*overrides, world_size=world)
+    assert needle in str(e.value)
+
+
+def test_missing_files_and_vocab_mismatch(tmp_path):
+    with pytest.raises(ConfigError, match="no tokenizer file"):
+        validate(cfg_with(f"data.tokenizer_model={tmp_path}/nope.model"), world_size=1, has_cuda=False)
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ConfigError, match="not a readable sentencepiece model"):
+        validate(cfg_with(f"data.tokenizer_model={bad}"), world_size=1, has_cuda=False)
+
+
+def test_unknown_key_and_wrong_type_fail_at_compose():
+    with pytest.raises(Exception, match="hiden_size"):
+        compose(["model.hiden_size=3"])
+    with pytest.raises(Exception, match="hidden_size"):
+        to_config(compose(["model.hidden_size=abc"]))
+
+
+def test_cli_rejects_bad_config_before_starting_processes(tmp_path):
+    """`mod-launch` validates before torchrun; the message names the key and exit code is 2."""
+    r = subprocess.run([sys.executable, "-m", "launch.local", "--nproc", "3", "parallel.tp=2",
+                        f"data.tokenizer_model={tmp_path}/x.model"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "world size 3 is not divisible by parallel.tp" in r.stderr
