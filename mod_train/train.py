@@ -90,7 +90,7 @@ class Trainer:
         tracker = MlflowTracker(tracking_uri=t.tracking_uri, experiment=t.experiment,
                                 run_name=t.run_name or Path(self.cfg.train.run_dir).name,
                                 run_id=self.state.mlflow_run_id, enabled=t.enabled and self.env.is_main)
-        self.state.mlflow_run_id = tracker.start()
+        tracker.start()
         if self.env.is_main:
             tracker.log_params(flatten_config(to_plain_dict(self.cfg)))
             tracker.set_tags({
@@ -120,7 +120,7 @@ class Trainer:
             return
         print(format_log_line(step, self.cfg.train.max_steps, metrics), flush=True)
         self.metrics_file.append(step, metrics)
-        self.tracker.log_metrics({_metric_key(k): v for k, v in metrics.items()}, step=step)
+        self.tracker.log_metrics(metrics, step=step)
 
     # ------------------------------------------------------------------ loop
     def fit(self):
@@ -144,6 +144,8 @@ class Trainer:
             exiting = cfg.train.exit_interval is not None and steps_this_run >= cfg.train.exit_interval
             if (self.state.step % cfg.checkpoint.save_interval == 0 or self.state.step == cfg.train.max_steps
                     or exiting):
+                # The run id is known late if the tracking server was down at start.
+                self.state.mlflow_run_id = self.tracker.run_id
                 path = self.checkpointer.save(self.engine, self.state, {"config": to_plain_dict(cfg)})
                 self._info(f"saved checkpoint {path}")
             if exiting:
@@ -182,12 +184,6 @@ class Trainer:
 
         self.tracker.end(status)
         shutdown()
-
-
-def _metric_key(name: str) -> str:
-    """MLflow metric names: the log line's labels, made path-safe (same names for every model family)."""
-    return (name.replace("elapsed time per iteration (ms)", "step_time_ms").replace(" (GB)", "_gb")
-            .replace("/", "_per_").replace(" ", "_"))
 
 
 def run(cfg: Config):
