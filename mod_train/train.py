@@ -84,7 +84,7 @@ class Trainer:
 
     def _start_tracking(self):
         from mod_train.tracking.metrics_jsonl import MetricsJsonl
-        from mod_train.tracking.mlflow_run import MlflowTracker, flatten_config
+        from mod_train.tracking import MlflowTracker, flatten_config
 
         t = self.cfg.tracking
         tracker = MlflowTracker(tracking_uri=t.tracking_uri, experiment=t.experiment,
@@ -179,23 +179,28 @@ class Trainer:
                 total[k] = total.get(k, 0.0) + v / self.cfg.train.eval_iters
         return {f"valid {k}": v for k, v in total.items()}
 
-    def close(self, status: str = "FINISHED") -> None:
+    def close(self, status: str = "FINISHED", keep_process_group: bool = False) -> None:
         from mod_train.distributed.init import shutdown
 
-        self.tracker.end(status)
-        shutdown()
+        if status != "RUNNING":
+            self.tracker.end(status)
+        else:
+            self.tracker.flush()  # stays open in MLflow; the resumed invocation continues it
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+        shutdown(keep_process_group)
 
 
-def run(cfg: Config):
+def run(cfg: Config, keep_process_group: bool = False):
     """Train (or resume) until max_steps or exit_interval; returns the final TrainState."""
     trainer = Trainer(cfg)
     try:
         state = trainer.fit()
     except BaseException:
-        trainer.close("FAILED")
+        trainer.close("FAILED", keep_process_group)
         raise
     # A run stopped by exit_interval is not over: its MLflow run stays open for the resume.
-    trainer.close("FINISHED" if state.step >= cfg.train.max_steps else "RUNNING")
+    trainer.close("FINISHED" if state.step >= cfg.train.max_steps else "RUNNING", keep_process_group)
     return state
 
 

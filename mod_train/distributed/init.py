@@ -90,9 +90,11 @@ def seed_everything(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def shutdown() -> None:
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+def shutdown(keep_process_group: bool = False) -> None:
+    """Tear down parallel_state (and the process group unless several runs share one process)."""
     if dist.is_initialized():
         dist.barrier()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()

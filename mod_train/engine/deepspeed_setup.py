@@ -113,11 +113,39 @@ def mark_norm_dedup(chunks: List[torch.nn.Module]) -> None:
                 p.model_parallel = True
 
 
+def install_sequence_parallel_grad_sync(chunks: List[torch.nn.Module]) -> int:
+    """Sum the gradients of sequence-parallel norm weights over the TP group.
+
+    Under sequence parallelism each TP rank normalises only its slice of the sequence, so a norm
+    weight's gradient is partial per rank (megatron's own DDP sums them in finalize_model_grads;
+    DeepSpeed does not know about them). A tensor hook runs before the gradient is accumulated, so
+    ZeRO's reduction hooks see the full gradient. Returns the number of parameters hooked.
+    """
+    import torch.distributed as dist
+
+    group = ps.get_tensor_model_parallel_group()
+
+    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    hooked = 0
+    for chunk in chunks:
+        for p in chunk.parameters():
+            if getattr(p, "sequence_parallel", False) and p.requires_grad:
+                p.register_hook(all_reduce)
+                hooked += 1
+    return hooked
+
+
 def build_engine(cfg: Config, derived: Derived, container: torch.nn.Module, chunks: List[torch.nn.Module]):
     """Wrap ``container`` (a ModuleList of model chunks) in a DeepSpeed engine with AdamW."""
     import deepspeed
 
     mark_norm_dedup(chunks)
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1:
+        install_sequence_parallel_grad_sync(chunks)
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         param_groups(chunks, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,

@@ -57,7 +57,8 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     losses = output.float()
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses.view(-1) * mask) / mask.sum().clamp(min=1)
-    return loss, {"lm loss": loss.detach()}
+    # clone: the schedule divides the returned loss by num_microbatches in place.
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def make_forward_step(aux: AuxLossRecorder) -> Callable:

@@ -1,0 +1,581 @@
+"""`mod-generate`: autoregressive sampling from a checkpoint, with a KV cache and causal MoD routing.
+
+    mod-generate --checkpoint runs/demo/checkpoints [--iter N | --iter latest] \\
+        --prompt "Once upon a time" --max-new-tokens 50 [--greedy | --temperature 0.8 --top-p 0.9] --seed 0
+
+Top-k routing looks at the whole sequence, so it cannot be used while sampling. Each MoD layer
+instead routes every new token by its own causal decision (``router.causal_logits(x) > 0``, the
+router's sigmoid or the predictor MLP, trained towards top-k membership):
+
+* a routed token runs the layer's block (attention over the earlier tokens routed to this layer,
+  rotary embedding at its absolute position, then the MLP), its output is weighted exactly as
+  ``MoDTransformerLayer._combine`` does, and its K/V are appended to this layer's cache;
+* a token routed around the layer passes through unchanged and adds nothing to this layer's cache.
+
+This is the same computation as a full-sequence forward with every MoD layer's ``routing`` set to
+``"causal"`` (``MoDTransformerLayer._forward_causal``); :func:`full_forward_logits` runs that
+reference and the tests check that both give the same logits.
+
+The decoder below runs over the weights of the megatron-core modules themselves (embedding, each
+layer's ``input_layernorm``, ``self_attention.get_query_key_value_tensors`` (megatron's grouped QKV
+layout), ``linear_proj``, the layer's bias-dropout-add and ``_forward_mlp``, the final layernorm and
+``output_layer``); only the attention over the KV cache is written here. Prompts are prefilled token
+by token, batch size 1.
+
+Checkpoints: ``<root>/iter_XXXXXXX/`` with ``complete.json`` (the resolved config under
+``"config"``) and DeepSpeed's ``state/`` directory. Only layouts with tensor- and pipeline-parallel
+size 1 are supported (any data-parallel size and ZeRO stage 0-3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+DS_TAG = "state"  # mirrors mod_train.checkpoint.state.DS_TAG
+MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+class GenerateError(RuntimeError):
+    """A checkpoint or request mod-generate cannot serve; the message says why."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _unwrap(model):
+    """The GPTModel inside a ModelChunks / DeepSpeed engine / list of chunks."""
+    if isinstance(model, (list, tuple, torch.nn.ModuleList)):
+        if len(model) != 1:
+            raise GenerateError(f"generation needs exactly one model chunk (no virtual pipeline), got {len(model)}")
+        model = model[0]
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+        if isinstance(model, (list, tuple, torch.nn.ModuleList)):
+            return _unwrap(model)
+    return model
+
+
+def _mod_layer_class():
+    from mod_train.model.mod import MoDTransformerLayer
+
+    return MoDTransformerLayer
+
+
+def _check_generatable(model) -> None:
+    cfg = model.config
+    if not (model.pre_process and model.post_process):
+        raise GenerateError("generation needs the whole model in one chunk (pipeline-parallel size 1)")
+    if cfg.tensor_model_parallel_size != 1 or cfg.pipeline_model_parallel_size != 1:
+        raise GenerateError(f"generation supports tensor/pipeline-parallel size 1 only, the model has "
+                            f"tp={cfg.tensor_model_parallel_size} pp={cfg.pipeline_model_parallel_size}")
+    if getattr(cfg, "multi_latent_attention", False):
+        raise GenerateError("multi-latent attention is not supported by the KV-cache decoder")
+
+
+class _LayerCache:
+    """K/V of the tokens one layer has processed, [n, 1, groups, head_dim], grown by doubling."""
+
+    def __init__(self) -> None:
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+        self.n = 0
+        self.positions: List[int] = []
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None or self.n == self.k.size(0):
+            cap = max(16, 2 * self.n)
+            new_k = k.new_empty((cap,) + tuple(k.shape[1:]))
+            new_v = v.new_empty((cap,) + tuple(v.shape[1:]))
+            if self.n:
+                new_k[: self.n] = self.k[: self.n]
+                new_v[: self.n] = self.v[: self.n]
+            self.k, self.v = new_k, new_v
+        self.k[self.n: self.n + 1] = k
+        self.v[self.n: self.n + 1] = v
+        self.n += 1
+        self.positions.append(pos)
+        return self.k[: self.n], self.v[: self.n]
+
+    def __len__(self) -> int:
+        return self.n
+
+
+# ----------------------------------------------------------------------------- the KV-cache decoder
+class KVCacheDecoder:
+    """Token-by-token inference over a megatron GPTModel (TP=PP=1, batch 1) with per-layer KV caches.
+
+    ``step(token)`` consumes the next token (at absolute position ``self.pos``) and returns the
+    logits [padded_vocab] predicting the token after it.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = _unwrap(model)
+        _check_generatable(self.model)
+        self.config = self.model.config
+        self.layers = list(self.model.decoder.layers)
+        self.caches = [_LayerCache() for _ in self.layers]
+        mod_cls = _mod_layer_class()
+        self.is_mod = [isinstance(layer, mod_cls) for layer in self.layers]
+        # decisions[i]: one bool per consumed token for MoD layer i (None for dense layers).
+        self.decisions: List[Optional[List[bool]]] = [[] if m else None for m in self.is_mod]
+        self.pos = 0
+        self.device = next(self.model.parameters()).device
+        self._rope: Optional[torch.Tensor] = None
+        self.model.eval()
+
+    # -------------------------------------------------------------- pieces
+    def _rope_at(self, pos: int) -> Optional[torch.Tensor]:
+        """The model's rotary table row for absolute position ``pos``: [1, 1, 1, d]."""
+        if self.model.position_embedding_type != "rope":
+            return None
+        if self._rope is None or self._rope.size(0) <= pos:
+            length = max(self.model.max_sequence_length, 2 * (pos + 1))
+            self._rope = self.model.rotary_pos_emb(length)  # [length, 1, 1, d], positions 0..length-1
+        return self._rope[pos: pos + 1]
+
+    def _attention(self, layer, cache: _LayerCache, hidden: torch.Tensor, pos: int):
+        """Self-attention of one new token over this layer's cache (which then holds it too)."""
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        attn = layer.self_attention
+        query, key, value = attn.get_query_key_value_tensors(hidden, None)  # [1,1,np,hn], [1,1,ng,hn] x2
+        rope = self._rope_at(pos)
+        no_rope = self.config.no_rope_freq[layer.layer_number - 1] if getattr(self.config, "no_rope_freq", None) else False
+        if rope is not None and not no_rope:
+            cp_group = getattr(getattr(attn, "pg_collection", None), "cp", None)
+            query = apply_rotary_pos_emb(query, rope, config=attn.config, cp_group=cp_group)
+            key = apply_rotary_pos_emb(key, rope, config=attn.config, cp_group=cp_group)
+        keys, values = cache.append(key, value, pos)  # [n, 1, ng, hn]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, keys, values))  # [b, heads, s, hn]
+        if q.size(1) != k.size(1):
+            rep = q.size(1) // k.size(1)
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        scale = getattr(attn.core_attention, "softmax_scale", None) or self.config.softmax_scale
+        if scale is None:
+            scale = q.size(-1) ** -0.5
+        # One query over all cached (= earlier routed + own) keys: no mask needed.
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        out = out.permute(2, 0, 1, 3).reshape(1, q.size(0), -1)  # [1, b, np*hn]
+        return attn.linear_proj(out)  # (output, bias)
+
+    def _block(self, i: int, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """megatron's TransformerLayer on one token [1, 1, h] with layer i's KV cache."""
+        layer = self.layers[i]
+        residual = x
+        hidden = layer.input_layernorm(x)
+        attn_out = self._attention(layer, self.caches[i], hidden, pos)
+        x = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(attn_out, residual, layer.hidden_dropout)
+        return layer._forward_mlp(x)  # pre_mlp_layernorm -> mlp (or MoE) -> bias-dropout-add
+
+    def _mod_layer(self, i: int, x: torch.Tensor, pos: int) -> torch.Tensor:
+        layer = self.layers[i]
+        router_logits = layer.router.scores(x)  # [1, 1]
+        routed = bool((layer.router.causal_logits(x, router_logits) > 0).item())
+        self.decisions[i].append(routed)
+        if not routed:
+            return x  # around the layer: nothing enters its cache
+        block_out = self._block(i, x, pos)
+        idx = torch.zeros(1, 1, dtype=torch.long, device=x.device)
+        return layer._combine(x, idx, x, block_out, router_logits)
+
+    # -------------------------------------------------------------- public
+    @torch.no_grad()
+    def step(self, token: int) -> torch.Tensor:
+        model, pos = self.model, self.pos
+        if model.position_embedding_type != "rope" and pos >= model.max_sequence_length:
+            raise GenerateError(f"position {pos} is beyond the learned position embeddings "
+                                f"(model.seq_length={model.max_sequence_length})")
+        ids = torch.tensor([[int(token)]], dtype=torch.long, device=self.device)
+        x = model.embedding(input_ids=ids, position_ids=torch.tensor([[pos]], device=self.device))  # [1, 1, h]
+        for i in range(len(self.layers)):
+            x = self._mod_layer(i, x, pos) if self.is_mod[i] else self._block(i, x, pos)
+        final_norm = getattr(model.decoder, "final_layernorm", None)
+        if final_norm is not None:
+            x = final_norm(x)
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        logits, _ = model.output_layer(x, weight=weight)
+        self.pos += 1
+        return logits[0, 0].float()
+
+    def cache_sizes(self) -> List[int]:
+        """Number of K/V entries held by each layer's cache."""
+        return [len(c) for c in self.caches]
+
+
+# ----------------------------------------------------------------------------- sampling
+def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool mask over ``logits`` [V] of the nucleus: the smallest set of most likely tokens whose
+    probability reaches ``top_p`` (always at least the most likely token)."""
+    if top_p >= 1.0:
+        return torch.isfinite(logits)
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    mass_before = sorted_probs.cumsum(0) - sorted_probs
+    keep_sorted = mass_before < top_p
+    keep_sorted[0] = True
+    mask = torch.zeros_like(keep_sorted)
+    mask[order] = keep_sorted
+    return mask
+
+
+def sample_token(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float,
+                 generator: Optional[torch.Generator]) -> int:
+    """Next token from logits [V] (already restricted to the real vocabulary by -inf entries)."""
+    if greedy or temperature <= 0:
+        return int(logits.argmax())
+    scaled = logits.float() / temperature
+    scaled = scaled.masked_fill(~nucleus_mask(scaled, top_p), float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _vocab_limit(cfg, vocab_size: Optional[int], padded: int) -> int:
+    if vocab_size is None and cfg is not None:
+        vocab_size = getattr(getattr(cfg, "model", None), "vocab_size", None)
+    return min(int(vocab_size), padded) if vocab_size else padded
+
+
+def generate(model_chunk, cfg, prompt_ids: Sequence[int], max_new_tokens: int, greedy: bool = True,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, *, eod: Optional[int] = None,
+             vocab_size: Optional[int] = None) -> Tuple[List[int], torch.Tensor]:
+    """Sample up to ``max_new_tokens`` after ``prompt_ids`` with a KV cache and causal MoD routing.
+
+    Returns ``(token_ids, logits_per_step)``: the new tokens (ending with ``eod`` if it was
+    sampled) and a [len(token_ids), padded_vocab] tensor of the logits each was drawn from
+    (position ``len(prompt_ids) - 1 + i`` of the sequence). Padded vocabulary entries beyond
+    ``vocab_size`` (default ``cfg.model.vocab_size``) are never sampled.
+    """
+    if not prompt_ids:
+        raise GenerateError("the prompt is empty: give at least one token")
+    if not 0.0 < top_p <= 1.0:
+        raise GenerateError(f"top_p must be in (0, 1], got {top_p}")
+    decoder = KVCacheDecoder(model_chunk)
+    generator = torch.Generator().manual_seed(int(seed))
+    logits = None
+    for tok in prompt_ids:
+        logits = decoder.step(tok)
+    limit = _vocab_limit(cfg, vocab_size, logits.numel())
+    new_ids: List[int] = []
+    steps: List[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        steps.append(logits)
+        masked = logits.clone()
+        masked[limit:] = float("-inf")
+        tok = sample_token(masked, greedy, temperature, top_p, generator)
+        new_ids.append(tok)
+        if eod is not None and tok == eod:
+            break
+        if len(new_ids) < max_new_tokens:
+            logits = decoder.step(tok)
+    per_step = torch.stack(steps) if steps else torch.empty(0, logits.numel())
+    generate.last_decoder = decoder  # for inspection (cache sizes, routing decisions)
+    return new_ids, per_step
+
+
+generate.last_decoder = None
+
+
+# ----------------------------------------------------------------------------- the reference
+@torch.no_grad()
+def full_forward_logits(model_chunk, token_ids: Sequence[int]) -> torch.Tensor:
+    """The megatron GPTModel's full-sequence forward with every MoD layer on causal routing.
+
+    Returns logits [s, padded_vocab] (float32); the MoD layers' routing mode is restored after.
+    """
+    model = _unwrap(model_chunk)
+    mod_cls = _mod_layer_class()
+    mod_layers = [m for m in model.modules() if isinstance(m, mod_cls)]
+    saved = [m.routing for m in mod_layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for m in mod_layers:
+            m.routing = "causal"
+        device = next(model.parameters()).device
+        tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=device)
+        positions = torch.arange(tokens.size(1), device=device).unsqueeze(0)
+        logits = model(tokens, positions, None)  # [1, s, V]
+    finally:
+        for m, r in zip(mod_layers, saved):
+            m.routing = r
+        model.train(was_training)
+    return logits[0].float()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def resolve_checkpoint(path: str, iteration: str = "latest") -> Path:
+    """The ``iter_*`` directory to load: ``path`` is a checkpoint root or an ``iter_*`` directory."""
+    from mod_train.checkpoint.layout import COMPLETE_FILE, CheckpointDir, iter_name
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise GenerateError(f"checkpoint path {p} does not exist (give the checkpoint root, e.g. "
+                            f"runs/<run>/checkpoints, or one of its iter_* directories)")
+    if not p.is_dir():
+        raise GenerateError(f"checkpoint path {p} is not a directory")
+    if (p / COMPLETE_FILE).is_file():
+        if iteration not in (None, "latest"):
+            raise GenerateError(f"{p} is already a single checkpoint; drop --iter or pass its root directory")
+        return p
+    root = CheckpointDir(p)
+    available = root.list_complete()
+    names = ", ".join(d.name for _, d in available) or "none"
+    if not available:
+        raise GenerateError(f"no complete checkpoint under {p} (no iter_*/{COMPLETE_FILE}); complete "
+                            f"checkpoints: none")
+    if iteration in (None, "latest"):
+        found = root.find_latest()
+        assert found is not None
+        return found[1]
+    try:
+        step = int(iteration)
+    except ValueError:
+        raise GenerateError(f"--iter must be a step number or 'latest', got {iteration!r}") from None
+    for s, d in available:
+        if s == step:
+            return d
+    raise GenerateError(f"no complete checkpoint for step {step} ({iter_name(step)}) under {p}; "
+                        f"complete checkpoints: {names}")
+
+
+def config_from_metadata(metadata: dict):
+    """The typed Config stored in ``complete.json`` (``metadata["config"]``)."""
+    from omegaconf import OmegaConf
+
+    from mod_train.config.schema import Config
+
+    if "config" not in metadata or not isinstance(metadata["config"], dict):
+        raise GenerateError("complete.json has no 'config' entry: this checkpoint was not written by mod-train")
+    merged = OmegaConf.merge(OmegaConf.structured(Config), metadata["config"])
+    return OmegaConf.to_object(merged)
+
+
+def check_supported_layout(cfg) -> None:
+    par = cfg.parallel
+    bad = []
+    if par.tp != 1:
+        bad.append(f"parallel.tp={par.tp}")
+    if par.pp != 1:
+        bad.append(f"parallel.pp={par.pp}")
+    if par.vpp:
+        bad.append(f"parallel.vpp={par.vpp}")
+    if par.ep != 1:
+        bad.append(f"parallel.ep={par.ep}")
+    if par.cp != 1:
+        bad.append(f"parallel.cp={par.cp}")
+    if bad:
+        raise GenerateError(
+            f"this checkpoint was written with {', '.join(bad)}; mod-generate supports checkpoints written "
+            f"with parallel.tp=1 and parallel.pp=1 (no virtual pipeline, ep=1, cp=1), with any data-parallel "
+            f"size and ZeRO stage 0-3")
+
+
+def _strip_chunk_prefix(state: dict) -> dict:
+    """ModelChunks keys ``0.<name>`` -> ``<name>`` (the GPTModel of chunk 0)."""
+    if any(k.startswith("1.") for k in state):
+        raise GenerateError("the checkpoint holds more than one model chunk (virtual pipeline); "
+                            "mod-generate supports tp=1 pp=1 checkpoints only")
+    if all(k.startswith("0.") for k in state):
+        return {k[2:]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_model_state(iter_dir: Path, zero_stage: Optional[int] = None) -> dict:
+    """The GPTModel state dict of chunk 0 from ``<iter_dir>/state`` (DeepSpeed, any ZeRO stage)."""
+    ds_dir = Path(iter_dir) / DS_TAG
+    if not ds_dir.is_dir():
+        raise GenerateError(f"{iter_dir} has no DeepSpeed '{DS_TAG}' directory: not a mod-train checkpoint")
+    other_mp = sorted(p.name for p in ds_dir.glob("*mp_rank_*_model_states.pt") if "mp_rank_00_" not in p.name)
+    if other_mp:
+        raise GenerateError(f"{ds_dir} holds model-parallel shards ({other_mp[0]}, ...): mod-generate supports "
+                            f"checkpoints written with parallel.tp=1 and parallel.pp=1 only")
+    plain, zero3 = ds_dir / MODEL_STATES, ds_dir / ZERO3_MODEL_STATES
+    if plain.is_file() and zero_stage != 3:
+        blob = torch.load(plain, map_location="cpu", weights_only=False)
+        if "module" not in blob or blob["module"] is None:
+            raise GenerateError(f"{plain} has no 'module' entry")
+        return _strip_chunk_prefix(blob["module"])
+    if zero3.is_file() or zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(iter_dir), tag=DS_TAG)
+        return _strip_chunk_prefix(state)
+    raise GenerateError(f"{ds_dir} has neither {MODEL_STATES} nor {ZERO3_MODEL_STATES}")
+
+
+# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer.
+_TE_TO_LOCAL = (
+    (".self_attention.linear_qkv.layer_norm_weight", ".input_layernorm.weight"),
+    (".self_attention.linear_qkv.layer_norm_bias", ".input_layernorm.bias"),
+    (".mlp.linear_fc1.layer_norm_weight", ".pre_mlp_layernorm.weight"),
+    (".mlp.linear_fc1.layer_norm_bias", ".pre_mlp_layernorm.bias"),
+)
+
+
+def _match_keys(state: dict, wanted: set) -> dict:
+    """Rename fused-norm keys between Transformer Engine and local specs; drop TE extra state."""
+    out = {}
+    for key, value in state.items():
+        if key not in wanted:
+            for te, local in _TE_TO_LOCAL:
+                for a, b in ((te, local), (local, te)):
+                    if key.endswith(a) and key[: -len(a)] + b in wanted:
+                        key = key[: -len(a)] + b
+                        break
+                else:
+                    continue
+                break
+        if key.endswith("._extra_state") and key not in wanted:
+            continue
+        out[key] = value
+    return out
+
+
+def load_weights(model, state: dict) -> None:
+    model = _unwrap(model)
+    wanted = set(model.state_dict().keys())
+    state = _match_keys(state, wanted)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("._extra_state")]
+    if missing or unexpected:
+        raise GenerateError(f"checkpoint does not match the model built from its config: missing "
+                            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+
+
+# ----------------------------------------------------------------------------- world of one
+def _init_world_of_one() -> Tuple[bool, bool]:
+    """gloo process group of one + megatron parallel_state TP=PP=1. Returns what was created here."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not torch.cuda.is_available():
+        from mod_train.distributed.cpu_compat import apply_cpu_compat
+
+        apply_cpu_compat()
+    made_pg = made_ps = False
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        made_pg = True
+    if dist.get_world_size() != 1:
+        raise GenerateError("mod-generate runs in a single process; do not launch it with torchrun")
+    if ps.model_parallel_is_initialized():
+        if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
+            raise GenerateError("megatron parallel_state is initialised with TP/PP > 1")
+    else:
+        ps.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+        made_ps = True
+    model_parallel_cuda_manual_seed(0)
+    return made_pg, made_ps
+
+
+def _teardown(made_pg: bool, made_ps: bool) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if made_ps and ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if made_pg and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def load_for_generation(checkpoint: str, iteration: str = "latest", tokenizer_path: Optional[str] = None):
+    """(model GPTModel in eval mode, typed Config, tokenizer, iter dir). Needs _init_world_of_one()."""
+    from mod_train.checkpoint.layout import read_metadata
+    from mod_train.config.validate import ConfigError, tokenizer_vocab_size, validate
+    from mod_train.data.tokenizer import load_tokenizer
+    from mod_train.model.build import build_model_chunks
+
+    iter_dir = resolve_checkpoint(checkpoint, iteration)
+    try:
+        metadata = read_metadata(iter_dir)
+    except (OSError, ValueError) as e:
+        raise GenerateError(f"cannot read {iter_dir}/complete.json: {e}") from e
+    cfg = config_from_metadata(metadata)
+    check_supported_layout(cfg)
+    tok_path = tokenizer_path or cfg.data.tokenizer_model
+    if not Path(tok_path).is_file():
+        raise GenerateError(f"tokenizer model {tok_path!r} (data.tokenizer_model of the checkpoint's config) "
+                            f"not found from {os.getcwd()}; pass --tokenizer PATH")
+    tokenizer = load_tokenizer(tok_path)
+    tok_vocab = tokenizer_vocab_size(tok_path)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tok_vocab
+    elif cfg.model.vocab_size != tok_vocab:
+        raise GenerateError(f"the tokenizer {tok_path} has {tok_vocab} tokens but the model was trained with "
+                            f"model.vocab_size={cfg.model.vocab_size}")
+    try:
+        derived = validate(cfg, world_size=1, check_files=False, has_cuda=torch.cuda.is_available())
+    except ConfigError as e:
+        raise GenerateError(f"the checkpoint's config does not validate: {e}") from e
+    chunks = build_model_chunks(cfg, derived)
+    model = chunks[0]
+    load_weights(model, load_model_state(iter_dir, cfg.parallel.zero_stage))
+    model.eval()
+    return model, cfg, tokenizer, iter_dir
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mod-generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint root (runs/<run>/checkpoints) or an iter_* dir")
+    p.add_argument("--iter", default="latest", help="step to load, or 'latest' (default)")
+    p.add_argument("--prompt", default="", help="prompt text (empty: start from the end-of-document token)")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding")
+    mode.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="override data.tokenizer_model of the checkpoint's config")
+    p.add_argument("--show-routing", action="store_true", help="also print per-MoD-layer routed-token counts")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.max_new_tokens < 0:
+        raise SystemExit("mod-generate: --max-new-tokens must be >= 0")
+    made = (False, False)
+    try:
+        made = _init_world_of_one()
+        model, cfg, tokenizer, iter_dir = load_for_generation(args.checkpoint, args.iter, args.tokenizer)
+        prompt_ids = list(tokenizer.tokenize(args.prompt)) if args.prompt else []
+        if not prompt_ids:
+            prompt_ids = [tokenizer.eod]
+        new_ids, _ = generate(model, cfg, prompt_ids, args.max_new_tokens, greedy=args.greedy,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                              eod=tokenizer.eod, vocab_size=cfg.model.vocab_size)
+        shown = new_ids[:-1] if new_ids and new_ids[-1] == tokenizer.eod else new_ids
+        # Detokenize prompt and continuation together so word boundaries come out right.
+        text_ids = shown if prompt_ids == [tokenizer.eod] else prompt_ids + shown
+        print(tokenizer.detokenize(text_ids))
+        if args.show_routing:
+            dec = generate.last_decoder
+            for i, (layer, n) in enumerate(zip(dec.layers, dec.cache_sizes())):
+                if dec.is_mod[i]:
+                    print(f"[layer {layer.layer_number}: {n}/{dec.pos} tokens routed]", file=sys.stderr)
+    except GenerateError as e:
+        raise SystemExit(f"mod-generate: error: {e}") from None
+    finally:
+        _teardown(*made)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
