@@ -257,24 +257,29 @@ def generate(model_chunk, cfg, prompt_ids: Sequence[int], max_new_tokens: int, g
         raise GenerateError("the prompt is empty: give at least one token")
     if not 0.0 < top_p <= 1.0:
         raise GenerateError(f"top_p must be in (0, 1], got {top_p}")
-    decoder = KVCacheDecoder(model_chunk)
+    model = _unwrap(model_chunk)
+    was_training = model.training
+    decoder = KVCacheDecoder(model)  # puts the model in eval mode (no dropout)
     generator = torch.Generator().manual_seed(int(seed))
-    logits = None
-    for tok in prompt_ids:
-        logits = decoder.step(tok)
-    limit = _vocab_limit(cfg, vocab_size, logits.numel())
     new_ids: List[int] = []
     steps: List[torch.Tensor] = []
-    for _ in range(max_new_tokens):
-        steps.append(logits)
-        masked = logits.clone()
-        masked[limit:] = float("-inf")
-        tok = sample_token(masked, greedy, temperature, top_p, generator)
-        new_ids.append(tok)
-        if eod is not None and tok == eod:
-            break
-        if len(new_ids) < max_new_tokens:
+    try:
+        logits = None
+        for tok in prompt_ids:
             logits = decoder.step(tok)
+        limit = _vocab_limit(cfg, vocab_size, logits.numel())
+        for _ in range(max_new_tokens):
+            steps.append(logits)
+            masked = logits.clone()
+            masked[limit:] = float("-inf")
+            tok = sample_token(masked, greedy, temperature, top_p, generator)
+            new_ids.append(tok)
+            if eod is not None and tok == eod:
+                break
+            if len(new_ids) < max_new_tokens:
+                logits = decoder.step(tok)
+    finally:
+        model.train(was_training)
     per_step = torch.stack(steps) if steps else torch.empty(0, logits.numel())
     generate.last_decoder = decoder  # for inspection (cache sizes, routing decisions)
     return new_ids, per_step
@@ -478,8 +483,8 @@ def _init_world_of_one() -> Tuple[bool, bool]:
             raise GenerateError("megatron parallel_state is initialised with TP/PP > 1")
     else:
         ps.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+        model_parallel_cuda_manual_seed(0)  # megatron's RNG tracker, needed to build the model
         made_ps = True
-    model_parallel_cuda_manual_seed(0)
     return made_pg, made_ps
 
 

@@ -36,3 +36,40 @@ def megatron_tp1(world_of_one):
     model_parallel_cuda_manual_seed(0)
     yield ps
     ps.destroy_model_parallel()
+
+
+def _stdlib_docs(limit: int = 1500):
+    """License-clean English-ish text available on any machine: stdlib docstrings (PSF license)."""
+    import inspect
+    import json as _json
+    import argparse, collections, email, http.client, logging, pathlib, subprocess, textwrap, unittest  # noqa: E401
+
+    docs = []
+    for mod in (argparse, collections, email, http.client, logging, pathlib, subprocess, textwrap, unittest, _json):
+        for _, obj in inspect.getmembers(mod):
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 80:
+                docs.append(" ".join(doc.split()))
+    return list(dict.fromkeys(docs))[:limit]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A sentencepiece tokenizer (vocab 512) and an indexed dataset for training tests."""
+    import numpy as np
+    import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    d = tmp_path_factory.mktemp("tiny_data")
+    docs = _stdlib_docs()
+    (d / "corpus.txt").write_text("\n".join(docs))
+    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), vocab_size=512,
+                                   model_type="bpe", byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+                                   minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tok.model"))
+    builder = IndexedDatasetBuilder(str(d / "docs.bin"), dtype=np.uint16)
+    for doc in docs:
+        ids = sp.encode(doc) + [sp.eos_id()]
+        builder.add_document(np.array(ids, dtype=np.uint16), [len(ids)])
+    builder.finalize(str(d / "docs.idx"))
+    return {"tokenizer": str(d / "tok.model"), "prefix": str(d / "docs")}
