@@ -1,0 +1,108 @@
+"""End-to-end: kill -9 during a checkpoint save, and the `make demo` pipeline on the bundled corpus."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mod_train.checkpoint.layout import CheckpointDir, read_metadata
+from tests.helpers_train import REPO, free_port, losses, run_dir_overrides, tiny_overrides
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun puts workers in new sessions,
+    so killing its process group alone leaves the ranks running)."""
+    import psutil
+
+    try:
+        procs = psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _train_cmd(overrides):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), "-m", "mod_train.train", *overrides]
+
+
+@pytest.mark.slow
+def test_kill_minus_9_during_save_keeps_previous_checkpoint(tmp_path, tiny_data):
+    run_dir = tmp_path / "run"
+    # A wider model makes each save take long enough to be caught in the act; save every step.
+    ov = tiny_overrides(tiny_data, "model.hidden_size=256", "model.num_attention_heads=4",
+                        "checkpoint.save_interval=1", "checkpoint.keep_last=2", "train.max_steps=40",
+                        "parallel.zero_stage=2") + run_dir_overrides(run_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_train_cmd(ov), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = run_dir / "checkpoints"
+    killed_during = None
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            staging = sorted(ckpt.glob(".staging_iter_*")) if ckpt.is_dir() else []
+            done = CheckpointDir(ckpt).list_complete() if ckpt.is_dir() else []
+            if staging and len(done) >= 2:
+                kill_tree(proc.pid)  # the whole job, mid-save
+                killed_during = staging[-1].name
+                break
+            time.sleep(0.002)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+    assert killed_during, "never caught a save in progress"
+    staged_step = int(killed_during.rsplit("_", 1)[1])
+
+    latest = CheckpointDir(ckpt).find_latest()
+    assert latest is not None and latest[0] < staged_step  # the interrupted save is not taken for complete
+    assert read_metadata(latest[1])["train_state"]["step"] == latest[0]
+
+    # The previous checkpoint loads and training finishes from it.
+    r = subprocess.run(_train_cmd(ov), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"resumed from {latest[1]} at step {latest[0]}" in r.stdout, r.stdout[-3000:]
+    steps = losses(run_dir)
+    assert max(steps) == 40 and all(s in steps for s in range(latest[0] + 1, 41))
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end(tmp_path):
+    """Tokenizer -> indexed data -> 2-process training that stops half-way -> resume -> MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    data_dir, run_dir = tmp_path / "data", tmp_path / "run"
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    r = subprocess.run([sys.executable, "-m", "launch.demo", "--steps", "20", "--vocab-size", "512",
+                        "--data-dir", str(data_dir), "--run-dir", str(run_dir), f"tracking.tracking_uri={store}",
+                        "train.log_interval=1", "checkpoint.save_interval=5"],
+                       cwd=REPO, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (data_dir / "tokenizer.model").is_file()
+    assert (data_dir / "corpus_text_document.bin").is_file() and (data_dir / "corpus_text_document.idx").is_file()
+    latest = CheckpointDir(run_dir / "checkpoints").find_latest()
+    assert latest and latest[0] == 20
+    assert "resumed from" in r.stdout and "at step 10" in r.stdout
+    steps = losses(run_dir)
+    assert sorted(steps) == list(range(1, 21))
+    assert steps[20] < steps[1]  # it learns
+
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("mod-train").experiment_id])
+    assert len(runs) == 1, "the resumed invocation must continue the same MLflow run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "lm loss")
+    assert sorted(m.step for m in history) == list(range(1, 21))
+    assert run.data.params["parallel.zero_stage"] == "1" and run.data.params["train.max_steps"] == "20"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "tokenizer.model" in artifacts and "resolved_config.yaml" in artifacts
