@@ -49,7 +49,7 @@ def main(argv=None) -> None:
         sh([py, "-m", "data_prep.train_tokenizer", "--input", str(corpus), "--output-prefix", str(data / "tokenizer"),
             "--vocab-size", str(args.vocab_size)])
     if not Path(str(prefix) + ".idx").is_file():
-        sh([py, "-m", "data_prep.tokenize_corpus", "--input", str(corpus), "--tokenizer", str(tokenizer),
+        sh([py, "-m", "data_prep.tokenize_corpus", "--input", str(corpus), "--tokenizer-model", str(tokenizer),
             "--output-prefix", str(prefix), "--workers", "2"])
 
     run_dir = REPO / args.run_dir
@@ -61,12 +61,19 @@ def main(argv=None) -> None:
     sh(train + [f"train.exit_interval={args.steps // 2}"])
     sh(train)
 
-    store = REPO / "mlflow.db"
+    from mod_train.tracking import default_tracking_uri
+
+    uri = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.tracking_uri=")),
+               default_tracking_uri(REPO))
+    # A taste of the result: sample from the final checkpoint (KV cache, causal MoD routing if any).
+    sh([py, "-m", "mod_train.generate", "--checkpoint", str(run_dir / "checkpoints"), "--prompt", "The",
+        "--max-new-tokens", "30", "--temperature", "0.8", "--top-p", "0.9"])
     print(f"""
 demo finished in {time.time() - t_start:.0f} s
   checkpoints : {run_dir / 'checkpoints'}   (latest: {(run_dir / 'checkpoints' / 'latest').read_text().strip()})
   metrics     : {run_dir / 'metrics.jsonl'}
-  MLflow      : {store}   ->  {Path(py).parent / 'mlflow'} ui --backend-store-uri sqlite:///{store}
+  MLflow      : {uri}
+                open the UI with: {Path(py).parent / 'mlflow'} ui --backend-store-uri {uri}
 """)
 
 

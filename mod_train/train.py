@@ -22,6 +22,9 @@ from mod_train.config.validate import ConfigError, Derived, validate
 
 log = logging.getLogger("mod_train")
 
+# Config keys that may change when a stopped run is resumed (logged as tags, not params).
+PER_INVOCATION_KEYS = ("train.exit_interval", "checkpoint.resume")
+
 
 class Trainer:
     """Holds the pieces of one run; ``fit()`` runs the loop until max_steps or exit_interval."""
@@ -92,7 +95,12 @@ class Trainer:
                                 run_id=self.state.mlflow_run_id, enabled=t.enabled and self.env.is_main)
         tracker.start()
         if self.env.is_main:
-            tracker.log_params(flatten_config(to_plain_dict(self.cfg)))
+            params = flatten_config(to_plain_dict(self.cfg))
+            # Keys that differ between the invocations of one run (stop, then resume) are tags:
+            # MLflow params are immutable.
+            per_invocation = {k: params.pop(k) for k in PER_INVOCATION_KEYS if k in params}
+            tracker.log_params(params)
+            tracker.set_tags({f"invocation.{k}": v for k, v in per_invocation.items()})
             tracker.set_tags({
                 "model.family": self._family(),
                 "layout": f"tp{self.cfg.parallel.tp}_pp{self.cfg.parallel.pp}_ep{self.cfg.parallel.ep}_dp{self.derived.dp}_zero{self.cfg.parallel.zero_stage}",
