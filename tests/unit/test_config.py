@@ -72,3 +72,26 @@ def test_cli_rejects_bad_config_before_starting_processes(tmp_path):
                        timeout=120)
     assert r.returncode == 2, r.stderr
     assert "world size 3 is not divisible by parallel.tp" in r.stderr
+
+
+def test_missing_data_path_and_vocab_mismatch_with_real_tokenizer(tiny_data, tmp_path):
+    tok = f"data.tokenizer_model={tiny_data['tokenizer']}"
+    with pytest.raises(ConfigError, match=r"data.paths: '.*/nothing' has no .bin or .idx file"):
+        validate(cfg_with(tok, f"data.paths=[{tmp_path}/nothing]"), world_size=1, has_cuda=False)
+    with pytest.raises(ConfigError, match="data.paths is empty"):
+        validate(cfg_with(tok, "data.paths=[]"), world_size=1, has_cuda=False)
+    data = f"data.paths=[{tiny_data['prefix']}]"
+    with pytest.raises(ConfigError, match=r"model.vocab_size=1000 does not match the tokenizer's vocabulary of 512"):
+        validate(cfg_with(tok, data, "model.vocab_size=1000"), world_size=1, has_cuda=False)
+    d = validate(cfg_with(tok, data), world_size=1, has_cuda=False)
+    assert (d.vocab_size, d.padded_vocab_size) == (512, 512)
+
+
+def test_train_cli_exits_with_config_error_before_process_group(tiny_data, tmp_path):
+    """`mod-train` itself (no launcher) refuses a missing data path with exit code 2."""
+    r = subprocess.run([sys.executable, "-m", "mod_train.train", f"data.tokenizer_model={tiny_data['tokenizer']}",
+                        f"data.paths=[{tmp_path}/missing]", f"train.run_dir={tmp_path}/run"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "configuration error" in r.stderr and "missing' has no .bin or .idx file" in r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
