@@ -202,6 +202,10 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
             k = round(cap * m.seq_length)
             _require(k >= 1, f"MoD capacity {cap} x model.seq_length {m.seq_length} rounds to k={k} routed tokens "
                              f"in layer {layer}: raise the capacity or the sequence length so that k >= 1.")
+            if par.sequence_parallel:
+                # The k routed tokens are split over the TP ranks again inside the layer (mod.py).
+                _require(k % par.tp == 0, f"MoD layer {layer} routes k={k} tokens, which sequence parallel cannot "
+                                          f"split over parallel.tp={par.tp}: choose a capacity with k divisible by TP.")
         _require(m.mod.router_weight in ("sigmoid", "logit", "none"),
                  f"model.mod.router_weight must be sigmoid, logit or none, got '{m.mod.router_weight}'.")
         _require(m.mod.causal in ("aux_loss", "predictor"),
