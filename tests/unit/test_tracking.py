@@ -6,15 +6,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from contextlib import closing
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
@@ -23,6 +18,7 @@ from mod_train.tracking import (
     plot_loss_vs_flops, read_metrics,
 )
 from mod_train.tracking.mlflow_run import MAX_RETRIES_ENV, TIMEOUT_ENV
+from tests.mlflow_server import kill_server, start_server
 
 LOGGER = "mod_train.tracking.mlflow_run"
 
@@ -215,36 +211,6 @@ def test_hanging_server_costs_one_timeout_then_buffers(http_env, caplog):
 
 # ---- a real mlflow server that goes away and comes back ----------------------------------------
 
-def _start_server(port: int, workdir: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
-         "--artifacts-destination", str(workdir / "artifacts")],
-        cwd=workdir, stdout=subprocess.DEVNULL, stderr=open(workdir / "server.log", "ab"),
-        start_new_session=True,  # its own process group: uvicorn + job runner stop together
-    )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(workdir / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.25)
-    _kill_server(proc)
-    raise RuntimeError("mlflow server did not come up in 90 s")
-
-
-def _kill_server(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # a crash, not a clean shutdown
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_server_outages_before_and_after_start(tmp_path, http_env, caplog):
     from mlflow import MlflowClient
@@ -265,7 +231,7 @@ def test_server_outages_before_and_after_start(tmp_path, http_env, caplog):
     tracker.log_params({"model.hidden_size": 64})
     log_steps(range(0, 5))
     logged_before_server = int(time.time() * 1000)
-    server = _start_server(port, tmp_path)
+    server = start_server(port, tmp_path)
     try:
         time.sleep(0.3)
         log_steps(range(5, 10))
@@ -273,10 +239,10 @@ def test_server_outages_before_and_after_start(tmp_path, http_env, caplog):
         assert run_id is not None and tracker.pending_metrics == 0
 
         # 2. Down after start: buffered, then flushed to the same run.
-        _kill_server(server)
+        kill_server(server)
         log_steps(range(10, 15))
         assert tracker.pending_metrics == 5 and tracker.run_id == run_id
-        server = _start_server(port, tmp_path)
+        server = start_server(port, tmp_path)
         assert tracker.flush() and tracker.end()
 
         client = MlflowClient(tracking_uri=uri)
@@ -288,7 +254,7 @@ def test_server_outages_before_and_after_start(tmp_path, http_env, caplog):
         assert all(ts <= logged_before_server for s, _, ts in history if s < 5)
         assert len(client.search_runs([run.info.experiment_id])) == 1
     finally:
-        _kill_server(server)
+        kill_server(server)
     assert _outage_warnings(caplog) == 2  # one per outage, not one per call
     assert sum("answers again" in r.getMessage() for r in caplog.records) == 2
 

@@ -1,0 +1,329 @@
+"""`mod-mlflow-sync`: upload to MLflow what a run directory has and the MLflow run lacks.
+
+    mod-mlflow-sync --run-dir runs/my_run --tracking-uri http://mlflow:5000
+
+metrics.jsonl is the record that needs no server. When the tracking server was down for longer
+than a job (the tracker's buffer dies with the process), this puts the missing metric values on
+the run: for every metric key, the steps the run does not have yet, with the step and the time
+they were logged at. Running it again uploads nothing (idempotent).
+
+Which run: ``--run-id``; else the one the latest checkpoint recorded; else the run tagged
+``run_dir=<absolute run dir>`` in the experiment (the trainer sets that tag); else a new run is
+created (not with ``--no-create``), with the params of ``resolved_config.yaml``.
+Also uploaded when the run lacks them: params (from resolved_config.yaml), the artifacts
+resolved_config.yaml and tokenizer.model, and loss_vs_flops.png (re-uploaded when metrics were
+added, so the plot matches them). ``--set-status FINISHED`` closes a run whose job could not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+from mod_train.tracking.flatten import flatten_config
+from mod_train.tracking.keys import STEP, TIME
+from mod_train.tracking.mlflow_run import (
+    MAX_RETRIES_ENV, TIMEOUT_ENV, _MAX_METRICS_PER_BATCH, _MAX_PARAM_VAL_LENGTH,
+    _MAX_PARAMS_TAGS_PER_BATCH, _mlflow_key, _sqlite_path, default_tracking_uri,
+)
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RESOLVED_CONFIG = "resolved_config.yaml"
+LOSS_PLOT = "loss_vs_flops.png"
+RUN_DIR_TAG = "run_dir"  # set by the trainer: the absolute run directory
+
+PathLike = Union[str, os.PathLike]
+
+
+# ---- metrics.jsonl, merged per step --------------------------------------------------------
+
+def metrics_by_step(path: PathLike) -> Dict[int, Dict[str, Tuple[float, float]]]:
+    """``{step: {key: (value, unix_time)}}`` from a metrics.jsonl, numeric values only.
+
+    Rows of one step are merged (a step can have a training row and an evaluation row); a key
+    written twice for a step (a resumed run repeats the steps after its last checkpoint) keeps
+    the last value. Unreadable lines are skipped; a missing file gives {}.
+    """
+    out: Dict[int, Dict[str, Tuple[float, float]]] = {}
+    try:
+        f = open(path, "r", encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return out
+    with f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            step = row.get(STEP)
+            if not isinstance(step, int) or isinstance(step, bool):
+                continue
+            t = row.get(TIME)
+            t = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else 0.0
+            merged = out.setdefault(step, {})
+            for key, value in row.items():
+                if key in (STEP, TIME) or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                merged[key] = (float(value), t)
+    return out
+
+
+def merged_rows(path: PathLike) -> List[Dict[str, Any]]:
+    """Rows ``{"step": s, <key>: value, ...}`` sorted by step, merged as in ``metrics_by_step``
+    (for plots: evaluation rows do not hide the training values of their step)."""
+    return [{STEP: s, **{k: v for k, (v, _) in kv.items()}}
+            for s, kv in sorted(metrics_by_step(path).items())]
+
+
+def load_resolved_config(run_dir: PathLike) -> Optional[Dict[str, Any]]:
+    """``<run_dir>/resolved_config.yaml`` as a dict, or None if missing or unreadable."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((Path(run_dir) / RESOLVED_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def config_params(config: Mapping[str, Any]) -> Dict[str, str]:
+    """The params the trainer logs for this config: flattened, minus the per-invocation keys."""
+    from mod_train.train import PER_INVOCATION_KEYS  # logged as tags: they change on resume
+
+    params = flatten_config(config)
+    for key in PER_INVOCATION_KEYS:
+        params.pop(key, None)
+    return params
+
+
+def _checkpoint_run_id(run_dir: Path, config: Optional[Mapping[str, Any]]) -> Optional[str]:
+    from mod_train.checkpoint.layout import CheckpointDir, read_metadata
+
+    ckpt = (config or {}).get("checkpoint", {}) or {}
+    root = Path(ckpt["dir"]) if ckpt.get("dir") else run_dir / "checkpoints"
+    latest = CheckpointDir(root).find_latest() if root.is_dir() else None
+    if latest is None:
+        return None
+    try:
+        run_id = read_metadata(latest[1]).get("train_state", {}).get("mlflow_run_id")
+    except (OSError, ValueError):
+        return None
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+# ---- the sync --------------------------------------------------------------------------------
+
+@dataclass
+class SyncResult:
+    run_id: str
+    created: bool = False
+    metrics_uploaded: int = 0  # metric values (key, step) added to the run
+    metrics_present: int = 0  # values metrics.jsonl has that the run already had
+    params_uploaded: int = 0
+    artifacts_uploaded: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        what = "created run" if self.created else "run"
+        arts = ", ".join(self.artifacts_uploaded) or "none"
+        return (f"{what} {self.run_id}: uploaded {self.metrics_uploaded} metric values "
+                f"({self.metrics_present} already present), {self.params_uploaded} params, "
+                f"artifacts: {arts}")
+
+
+class SyncError(RuntimeError):
+    pass
+
+
+def _set_http_defaults() -> None:
+    # A CLI may wait longer than a training step, but not MLflow's default of minutes of retries.
+    os.environ.setdefault(TIMEOUT_ENV, "30")
+    os.environ.setdefault(MAX_RETRIES_ENV, "2")
+
+
+def _ensure_experiment(client: Any, name: str, tracking_uri: str, create: bool) -> Optional[str]:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    if not create:
+        return None
+    db = _sqlite_path(tracking_uri)
+    # As MlflowTracker does: artifacts next to a sqlite file, not in a cwd-relative ./mlruns.
+    location = (db.parent / "mlartifacts").as_uri() if db is not None else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _find_run_by_tag(client: Any, experiment_id: str, run_dir: Path) -> Optional[str]:
+    value = str(run_dir)
+    if "'" in value:
+        return None
+    runs = client.search_runs([experiment_id], filter_string=f"tags.{RUN_DIR_TAG} = '{value}'",
+                              order_by=["attributes.start_time DESC"], max_results=2)
+    if len(runs) > 1:
+        log.warning("%d runs are tagged %s=%s; using the newest, %s (pass --run-id to choose)",
+                    len(runs), RUN_DIR_TAG, value, runs[0].info.run_id)
+    return runs[0].info.run_id if runs else None
+
+
+def _run_exists(client: Any, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    return run.info.lifecycle_stage != "deleted"
+
+
+def _chunks(items: List[Any], size: int) -> Iterable[List[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _artifact_names(client: Any, run_id: str) -> set:
+    return {Path(a.path).name for a in client.list_artifacts(run_id)}
+
+
+def sync_run(run_dir: PathLike, tracking_uri: Optional[str] = None, run_id: Optional[str] = None,
+             experiment: Optional[str] = None, create: bool = True, upload_artifacts: bool = True,
+             set_status: Optional[str] = None) -> SyncResult:
+    """Upload what ``run_dir`` has and the MLflow run lacks (see the module docstring).
+
+    ``tracking_uri`` / ``experiment`` default to the run's resolved_config.yaml (and then to
+    the local store / "mod-train"). Raises SyncError when there is nothing to sync or no run.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    run_dir = Path(run_dir).resolve()
+    metrics_path = run_dir / METRICS_FILE
+    config = load_resolved_config(run_dir)
+    if not metrics_path.is_file() and config is None:
+        raise SyncError(f"{run_dir} has neither {METRICS_FILE} nor {RESOLVED_CONFIG}")
+    tracking = (config or {}).get("tracking", {}) or {}
+    tracking_uri = tracking_uri or tracking.get("tracking_uri") or default_tracking_uri()
+    experiment = experiment or tracking.get("experiment") or "mod-train"
+    if tracking_uri.startswith(("http://", "https://")):
+        _set_http_defaults()
+    client = MlflowClient(tracking_uri=tracking_uri)
+
+    created = False
+    if run_id is not None:
+        if not _run_exists(client, run_id):
+            raise SyncError(f"MLflow run {run_id} does not exist at {tracking_uri}")
+    else:
+        candidate = _checkpoint_run_id(run_dir, config)
+        if candidate is not None and _run_exists(client, candidate):
+            run_id = candidate
+        else:
+            exp_id = _ensure_experiment(client, experiment, tracking_uri, create)
+            if exp_id is not None:
+                run_id = _find_run_by_tag(client, exp_id, run_dir)
+            if run_id is None:
+                if not create or exp_id is None:
+                    raise SyncError(f"no MLflow run found for {run_dir} at {tracking_uri} "
+                                    f"(experiment {experiment!r}); pass --run-id, or allow creating one")
+                run_name = tracking.get("run_name") or run_dir.name
+                run_id = client.create_run(exp_id, run_name=run_name,
+                                           tags={RUN_DIR_TAG: str(run_dir),
+                                                 "mod_train.created_by": "mod-mlflow-sync"}).info.run_id
+                created = True
+    result = SyncResult(run_id=run_id, created=created)
+    run = client.get_run(run_id)
+
+    # Params: only keys the run does not have (params are immutable).
+    if config is not None:
+        have = dict(run.data.params)
+        missing = []
+        for key, value in config_params(config).items():
+            name = _mlflow_key(key)
+            if name is None:
+                continue
+            text = str(value)[:_MAX_PARAM_VAL_LENGTH]
+            if name not in have:
+                missing.append(Param(name, text))
+            elif have[name] != text:
+                log.warning("param %r is %r on the run but %r in %s; left as is",
+                            name, have[name][:200], text[:200], RESOLVED_CONFIG)
+        for chunk in _chunks(missing, _MAX_PARAMS_TAGS_PER_BATCH):
+            client.log_batch(run_id, params=chunk)
+        result.params_uploaded = len(missing)
+    if RUN_DIR_TAG not in run.data.tags:
+        client.log_batch(run_id, tags=[RunTag(RUN_DIR_TAG, str(run_dir))])
+
+    # Metrics: per key, the steps the run lacks.
+    by_key: Dict[str, Dict[int, Tuple[float, float]]] = {}
+    for step, values in metrics_by_step(metrics_path).items():
+        for key, vt in values.items():
+            name = _mlflow_key(key)
+            if name is not None:
+                by_key.setdefault(name, {})[step] = vt
+    to_send = []
+    for name, steps in sorted(by_key.items()):
+        present = {m.step for m in client.get_metric_history(run_id, name)}
+        for step, (value, t) in sorted(steps.items()):
+            if step in present:
+                result.metrics_present += 1
+            else:
+                to_send.append(Metric(name, value, int(t * 1000), step))
+    for chunk in _chunks(to_send, _MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=chunk)
+    result.metrics_uploaded = len(to_send)
+
+    if upload_artifacts:
+        names = _artifact_names(client, run_id)
+        candidates = [run_dir / RESOLVED_CONFIG]
+        tokenizer = ((config or {}).get("data", {}) or {}).get("tokenizer_model")
+        if tokenizer:
+            candidates.append(Path(tokenizer))
+        for path in candidates:
+            if path.is_file() and path.name not in names:
+                client.log_artifact(run_id, str(path))
+                result.artifacts_uploaded.append(path.name)
+        plot = run_dir / LOSS_PLOT
+        if plot.is_file() and (LOSS_PLOT not in names or result.metrics_uploaded):
+            client.log_artifact(run_id, str(plot))
+            result.artifacts_uploaded.append(LOSS_PLOT)
+
+    if set_status is not None:
+        client.set_terminated(run_id, status=set_status)
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="mod-mlflow-sync", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="the training run directory (train.run_dir)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: the run's tracking.tracking_uri)")
+    p.add_argument("--run-id", default=None, help="the MLflow run to complete (default: found, see above)")
+    p.add_argument("--experiment", default=None, help="default: the run's tracking.experiment")
+    p.add_argument("--no-create", action="store_true", help="fail instead of creating a run")
+    p.add_argument("--no-artifacts", action="store_true", help="metrics and params only")
+    p.add_argument("--set-status", choices=("FINISHED", "FAILED", "KILLED"), default=None,
+                   help="also mark the run with this status (e.g. a job whose tracker could not)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="mod-mlflow-sync: %(message)s")
+    try:
+        result = sync_run(args.run_dir, tracking_uri=args.tracking_uri, run_id=args.run_id,
+                          experiment=args.experiment, create=not args.no_create,
+                          upload_artifacts=not args.no_artifacts, set_status=args.set_status)
+    except SyncError as e:
+        print(f"mod-mlflow-sync: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(result.summary())
+
+
+if __name__ == "__main__":
+    main()
