@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -351,18 +350,6 @@ def resolve_checkpoint(path: str, iteration: str = "latest") -> Path:
                         f"complete checkpoints: {names}")
 
 
-def config_from_metadata(metadata: dict):
-    """The typed Config stored in ``complete.json`` (``metadata["config"]``)."""
-    from omegaconf import OmegaConf
-
-    from mod_train.config.schema import Config
-
-    if "config" not in metadata or not isinstance(metadata["config"], dict):
-        raise GenerateError("complete.json has no 'config' entry: this checkpoint was not written by mod-train")
-    merged = OmegaConf.merge(OmegaConf.structured(Config), metadata["config"])
-    return OmegaConf.to_object(merged)
-
-
 def check_supported_layout(cfg) -> None:
     par = cfg.parallel
     bad = []
@@ -456,62 +443,31 @@ def load_weights(model, state: dict) -> None:
                             f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
 
 
-# ----------------------------------------------------------------------------- world of one
-def _init_world_of_one() -> Tuple[bool, bool]:
-    """gloo process group of one + megatron parallel_state TP=PP=1. Returns what was created here."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    if not torch.cuda.is_available():
-        from mod_train.distributed.cpu_compat import apply_cpu_compat
-
-        apply_cpu_compat()
-    made_pg = made_ps = False
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        made_pg = True
-    if dist.get_world_size() != 1:
-        raise GenerateError("mod-generate runs in a single process; do not launch it with torchrun")
-    if ps.model_parallel_is_initialized():
-        if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
-            raise GenerateError("megatron parallel_state is initialised with TP/PP > 1")
-    else:
-        ps.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-        model_parallel_cuda_manual_seed(0)  # megatron's RNG tracker, needed to build the model
-        made_ps = True
-    return made_pg, made_ps
-
-
-def _teardown(made_pg: bool, made_ps: bool) -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if made_ps and ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    if made_pg and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def load_for_generation(checkpoint: str, iteration: str = "latest", tokenizer_path: Optional[str] = None):
-    """(model GPTModel in eval mode, typed Config, tokenizer, iter dir). Needs _init_world_of_one()."""
+    """(model GPTModel in eval mode, typed Config, tokenizer, iter dir). Inside ``world_of_one()``.
+
+    Checkpoints hold a layout-free ``model/`` (megatron dist-checkpointing): it loads into the
+    same model laid out for one process, whatever TP/PP/EP the training used. Checkpoints
+    without it are read from DeepSpeed's files, which needs a TP1/PP1/EP1 training layout.
+    """
     from mod_train.checkpoint.layout import read_metadata
+    from mod_train.checkpoint.model_io import MODEL_DIR, is_model_dir, load_model
     from mod_train.config.validate import ConfigError, tokenizer_vocab_size, validate
     from mod_train.data.tokenizer import load_tokenizer
+    from mod_train.distributed.world_of_one import config_from_metadata, single_process_layout
     from mod_train.model.build import build_model_chunks
 
     iter_dir = resolve_checkpoint(checkpoint, iteration)
     try:
         metadata = read_metadata(iter_dir)
+        cfg = config_from_metadata(metadata)
     except (OSError, ValueError) as e:
-        raise GenerateError(f"cannot read {iter_dir}/complete.json: {e}") from e
-    cfg = config_from_metadata(metadata)
-    check_supported_layout(cfg)
+        raise GenerateError(f"cannot use {iter_dir}/complete.json: {e}") from e
+    layout_free = is_model_dir(iter_dir / MODEL_DIR)
+    if layout_free:
+        cfg = single_process_layout(cfg)
+    else:
+        check_supported_layout(cfg)
     tok_path = tokenizer_path or cfg.data.tokenizer_model
     if not Path(tok_path).is_file():
         raise GenerateError(f"tokenizer model {tok_path!r} (data.tokenizer_model of the checkpoint's config) "
@@ -529,7 +485,10 @@ def load_for_generation(checkpoint: str, iteration: str = "latest", tokenizer_pa
         raise GenerateError(f"the checkpoint's config does not validate: {e}") from e
     chunks = build_model_chunks(cfg, derived)
     model = chunks[0]
-    load_weights(model, load_model_state(iter_dir, cfg.parallel.zero_stage))
+    if layout_free:
+        load_model(chunks, iter_dir / MODEL_DIR)
+    else:
+        load_weights(model, load_model_state(iter_dir, cfg.parallel.zero_stage))
     model.eval()
     return model, cfg, tokenizer, iter_dir
 
@@ -552,33 +511,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(args) -> None:
+    model, cfg, tokenizer, _ = load_for_generation(args.checkpoint, args.iter, args.tokenizer)
+    prompt_ids = list(tokenizer.tokenize(args.prompt)) if args.prompt else []
+    if not prompt_ids:
+        prompt_ids = [tokenizer.eod]
+    new_ids, _ = generate(model, cfg, prompt_ids, args.max_new_tokens, greedy=args.greedy,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          eod=tokenizer.eod, vocab_size=cfg.model.vocab_size)
+    shown = new_ids[:-1] if new_ids and new_ids[-1] == tokenizer.eod else new_ids
+    # Detokenize prompt and continuation together so word boundaries come out right.
+    text_ids = shown if prompt_ids == [tokenizer.eod] else prompt_ids + shown
+    print(tokenizer.detokenize(text_ids))
+    if args.show_routing:
+        dec = generate.last_decoder
+        for i, (layer, n) in enumerate(zip(dec.layers, dec.cache_sizes())):
+            if dec.is_mod[i]:
+                print(f"[layer {layer.layer_number}: {n}/{dec.pos} tokens routed]", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from mod_train.distributed.world_of_one import SingleProcessError, world_of_one
+
     args = _parser().parse_args(argv)
     if args.max_new_tokens < 0:
         raise SystemExit("mod-generate: --max-new-tokens must be >= 0")
-    made = (False, False)
     try:
-        made = _init_world_of_one()
-        model, cfg, tokenizer, iter_dir = load_for_generation(args.checkpoint, args.iter, args.tokenizer)
-        prompt_ids = list(tokenizer.tokenize(args.prompt)) if args.prompt else []
-        if not prompt_ids:
-            prompt_ids = [tokenizer.eod]
-        new_ids, _ = generate(model, cfg, prompt_ids, args.max_new_tokens, greedy=args.greedy,
-                              temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                              eod=tokenizer.eod, vocab_size=cfg.model.vocab_size)
-        shown = new_ids[:-1] if new_ids and new_ids[-1] == tokenizer.eod else new_ids
-        # Detokenize prompt and continuation together so word boundaries come out right.
-        text_ids = shown if prompt_ids == [tokenizer.eod] else prompt_ids + shown
-        print(tokenizer.detokenize(text_ids))
-        if args.show_routing:
-            dec = generate.last_decoder
-            for i, (layer, n) in enumerate(zip(dec.layers, dec.cache_sizes())):
-                if dec.is_mod[i]:
-                    print(f"[layer {layer.layer_number}: {n}/{dec.pos} tokens routed]", file=sys.stderr)
-    except GenerateError as e:
+        with world_of_one():
+            _run(args)
+    except (GenerateError, SingleProcessError) as e:
         raise SystemExit(f"mod-generate: error: {e}") from None
-    finally:
-        _teardown(*made)
     return 0
 
 

@@ -1,9 +1,15 @@
 """What a checkpoint holds and how all ranks write/read it; the directory protocol is layout.py's.
 
 Every rank writes into the staging directory of the step (DeepSpeed: model shards, ZeRO
-optimizer partitions, LR scheduler; ours: per-rank RNG states); rank 0 then commits it
-atomically and moves the ``latest`` pointer. A crash before the commit leaves the previous
-checkpoint as the latest complete one.
+optimizer partitions, LR scheduler; ours: per-rank RNG states, plus the layout-free ``model/``
+weights and ``optimizer/`` Adam moments of model_io.py); rank 0 then commits it atomically and
+moves the ``latest`` pointer. A crash before the commit leaves the previous checkpoint as the
+latest complete one.
+
+Resuming under the layout the checkpoint was written with loads DeepSpeed's files (bitwise
+exact). Under another layout (TP, PP, virtual PP, EP, DP size or ZeRO stage changed) the weights
+come from ``model/`` (loaded by the trainer before the engine is built) and the Adam moments from
+``optimizer/``; step, LR schedule position and consumed samples from complete.json.
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mod_train.checkpoint.layout import CheckpointDir
+from mod_train.checkpoint.layout import CheckpointDir, read_metadata
 
 DS_TAG = "state"  # DeepSpeed's sub-directory inside iter_N/
+MODEL_DIR = "model"  # layout-free weights (model_io.save_model)
+OPTIM_DIR = "optimizer"  # layout-free optimizer state (model_io.save_optimizer)
+# What decides which DeepSpeed files a rank reads; sequence parallelism does not change them.
+LAYOUT_KEYS = ("tp", "pp", "vpp", "ep", "cp", "dp", "zero_stage")
 
 
 @dataclass
@@ -60,10 +70,12 @@ def _barrier() -> None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep_last: int, rank: int):
+    def __init__(self, root: Path, keep_last: int, rank: int, layout: Optional[dict] = None):
         self.dir = CheckpointDir(root)
         self.keep_last = keep_last
         self.rank = rank
+        # This run's parallel layout (LAYOUT_KEYS + world_size), recorded in complete.json.
+        self.layout = dict(layout or {})
 
     def save(self, engine, state: TrainState, metadata: dict) -> Path:
         if self.rank == 0:
@@ -72,18 +84,84 @@ class Checkpointer:
         staging = self.dir.staging_dir(state.step)
         engine.save_checkpoint(str(staging), tag=DS_TAG, client_state={"train_state": asdict(state)},
                                save_latest=False)
+        self._save_layout_free(engine, staging, state, metadata)
         rng_dir = staging / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), rng_dir / f"rank_{self.rank:05d}.pt")
         _barrier()
         final = self.dir.final_dir(state.step)
         if self.rank == 0:
-            final = self.dir.commit(state.step, {**metadata, "train_state": asdict(state)}, keep_last=self.keep_last)
+            record = {**metadata, "train_state": asdict(state)}
+            if self.layout:
+                record["layout"] = self.layout
+            final = self.dir.commit(state.step, record, keep_last=self.keep_last)
         _barrier()
         return final
 
+    def _save_layout_free(self, engine, staging: Path, state: TrainState, metadata: dict) -> None:
+        from mod_train.checkpoint import model_io
+
+        chunks = list(engine.module)
+        info = {"layout": self.layout, "step": state.step, "config": metadata.get("config")}
+        with model_io.gathered_params(engine):
+            model_io.save_model(chunks, staging / MODEL_DIR, info=info)
+        model_io.save_optimizer(engine, chunks, staging / OPTIM_DIR)
+
     def resolve(self, resume: str) -> Optional[Path]:
         return self.dir.resolve_resume(resume)
+
+    def saved_layout(self, path: Path) -> Optional[dict]:
+        """The layout recorded in ``path``'s complete.json (None for checkpoints that predate it)."""
+        layout = read_metadata(path).get("layout")
+        return dict(layout) if isinstance(layout, dict) else None
+
+    def needs_reshard(self, path: Path) -> bool:
+        """True when ``path`` was written under a layout whose DeepSpeed files this run cannot read."""
+        saved = self.saved_layout(path)
+        if saved is None or not self.layout:
+            return False
+        return any(saved.get(k) != self.layout.get(k) for k in LAYOUT_KEYS)
+
+    def load_weights_for_reshard(self, chunks, path: Path) -> None:
+        """Weights from ``<path>/model`` into this layout's chunks (before the engine is built)."""
+        from mod_train.checkpoint import model_io
+
+        model_dir = path / MODEL_DIR
+        if not model_io.is_model_dir(model_dir):
+            raise RuntimeError(
+                f"{path} was written with layout {_layout_text(self.saved_layout(path))} and this run uses "
+                f"{_layout_text(self.layout)}, but it has no layout-free '{MODEL_DIR}/' directory to reshard "
+                f"from (written by an older mod-train). Resume it with the layout it was written with.")
+        model_io.load_model(chunks, model_dir)
+
+    def load_resharded(self, engine, path: Path, scheduler) -> TrainState:
+        """Continue from a checkpoint of another layout; weights are already in the chunks.
+
+        Adam moments come from ``<path>/optimizer`` (restarted from zero, with a warning, if it is
+        missing); step, LR schedule position and consumed samples from complete.json. Per-rank RNG
+        states belong to the old ranks and are not restored (they only matter with dropout).
+        """
+        import logging
+
+        from mod_train.checkpoint import model_io
+
+        log = logging.getLogger("mod_train")
+        meta = read_metadata(path)
+        state = TrainState(**meta["train_state"])
+        chunks = list(engine.module)
+        optim_dir = path / OPTIM_DIR
+        if model_io.is_model_dir(optim_dir):
+            model_io.load_optimizer(engine, chunks, optim_dir, state.step)
+        else:
+            msg = (f"WARNING: {path} has no '{OPTIM_DIR}/' directory: resharding restarts the Adam moments from "
+                   f"zero (weights, step {state.step}, LR schedule and data position are restored)")
+            log.warning(msg)
+            if self.rank == 0:
+                print(msg, flush=True)
+        set_schedule_position(engine, scheduler, state.step)
+        engine.global_steps = state.step
+        engine.global_samples = state.consumed_train_samples
+        return state
 
     def load(self, engine, path: Path) -> TrainState:
         load_path, client = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
@@ -95,3 +173,27 @@ class Checkpointer:
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         return TrainState(**client["train_state"])
+
+
+def layout_of(cfg, derived) -> dict:
+    """The parallel layout of a run, as recorded in complete.json (compared on resume)."""
+    par = cfg.parallel
+    return {"tp": par.tp, "pp": par.pp, "vpp": par.vpp, "ep": par.ep, "cp": par.cp, "dp": derived.dp,
+            "zero_stage": par.zero_stage, "sequence_parallel": bool(par.sequence_parallel),
+            "world_size": derived.world_size}
+
+
+def set_schedule_position(engine, scheduler, step: int) -> None:
+    """Put a LambdaLR schedule (and the optimizer's LRs) where it is after ``step`` optimizer steps."""
+    scheduler.last_epoch = step
+    scheduler._step_count = step + 1
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)
+
+
+def _layout_text(layout: Optional[dict]) -> str:
+    if not layout:
+        return "(unknown)"
+    return " ".join(f"{k}={layout.get(k)}" for k in LAYOUT_KEYS)

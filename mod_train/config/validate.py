@@ -112,6 +112,13 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         _require(val >= 1, f"{key} must be >= 1, got {val}.")
     _require(par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {par.zero_stage}.")
 
+    # megatron-core implements context parallelism inside Transformer Engine's attention only, and
+    # the batch must be split per CP rank (load-balanced chunks): neither is wired in yet.
+    _require(par.cp == 1,
+             f"parallel.cp={par.cp}: context parallelism is not supported by mod-train yet (megatron-core "
+             f"provides it only in Transformer Engine's attention; mod-train does not split batches over CP "
+             f"ranks). Use parallel.cp=1, and tensor/sequence parallelism for long sequences.")
+
     # ---- layout vs world size
     model_parallel = par.tp * par.pp * par.cp
     _require(world_size % model_parallel == 0,
@@ -225,8 +232,32 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
                  f"model.moe.top_k={m.moe.top_k} must be between 1 and model.moe.num_experts={m.moe.num_experts}.")
         _require(m.moe.token_dispatcher in ("alltoall", "allgather"),
                  f"model.moe.token_dispatcher must be alltoall or allgather, got '{m.moe.token_dispatcher}'.")
+        _require(m.moe.capacity_factor is None or m.moe.capacity_factor > 0,
+                 f"model.moe.capacity_factor must be > 0 (or null for dropless), got {m.moe.capacity_factor}.")
+        _require(m.moe.mode in ("none", "staged", "integrated"),
+                 f"model.moe.mode must be none, staged or integrated, got '{m.moe.mode}'.")
+        if m.moe.mode == "staged":
+            _require(m.mod.enabled and bool(set(mod_layers) & set(moe_layers)),
+                     f"model.moe.mode=staged (MoD routing around an MoE layer) needs layers that are both MoD and "
+                     f"MoE: MoD layers {mod_layers}, MoE layers {moe_layers}. Use model=tiny_mode_staged or enable "
+                     f"model.mod on the MoE layers.")
+        if par.tp > 1:
+            _require(par.sequence_parallel,
+                     f"MoE layers with parallel.tp={par.tp} need parallel.sequence_parallel=true (megatron-core's "
+                     f"MoE layer refuses to train with TP but without sequence parallelism).")
+        if par.ep > 1:
+            _require(dp % par.ep == 0,
+                     f"parallel.ep={par.ep} must divide the data-parallel size {dp}: DeepSpeed reduces expert "
+                     f"gradients over expert-data-parallel groups inside its data-parallel group.")
+            _require(par.zero_stage in (1, 2),
+                     f"parallel.ep={par.ep} needs parallel.zero_stage=1 or 2, got {par.zero_stage}. ZeRO-3 would "
+                     f"partition each EP rank's own experts over the whole data-parallel group (DeepSpeed 0.19.8 "
+                     f"supports ZeRO-3 expert partitioning only for its AutoEP layers); without ZeRO (stage 0) "
+                     f"DeepSpeed's gradient clipping averages per-rank norms instead of summing expert norms.")
     else:
         _require(par.ep == 1, f"parallel.ep={par.ep} but the model has no experts (model.moe.num_experts=0).")
+        _require(m.moe.mode == "none",
+                 f"model.moe.mode={m.moe.mode} needs experts: set model.moe.num_experts > 0.")
 
     # ---- data and tokenizer
     vocab = m.vocab_size or 0

@@ -18,7 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from mod_train.model.aux_losses import AuxLossRecorder
 
 
-class ChunkView:
+class ChunkView(torch.nn.Module):
     """What megatron's schedule sees as one model chunk.
 
     Calls go through the DeepSpeed engine (whose forward registers the hooks that let ZeRO
@@ -26,24 +26,26 @@ class ChunkView:
     found on the chunk itself via ``.module`` (megatron's ``get_attr_wrapped_model`` unwraps it).
     Under ZeRO stage 0 DeepSpeed does not support torch-style backward, so the chunk is called
     directly and DeepSpeed all-reduces gradients in ``step()``.
+
+    An ``nn.Module`` because the interleaved (virtual pipeline) schedule asserts that every chunk
+    is one; the engine is kept out of the module tree (a plain attribute in a tuple).
     """
 
     def __init__(self, engine, index: int, through_engine: bool):
-        self.engine = engine
+        super().__init__()
+        self._engine = (engine,)
         self.index = index
         self.module = engine.module[index]
         self.through_engine = through_engine
 
-    def __call__(self, *args, **kwargs):
+    @property
+    def engine(self):
+        return self._engine[0]
+
+    def forward(self, *args, **kwargs):
         if self.through_engine:
             return self.engine(*args, chunk=self.index, **kwargs)
         return self.module(*args, **kwargs)
-
-    def train(self, mode: bool = True):
-        self.module.train(mode)
-
-    def eval(self):
-        self.module.eval()
 
 
 class ModelChunks(torch.nn.ModuleList):
@@ -79,12 +81,23 @@ class StepRunner:
         aux.set_aux_loss_scale(1.0 / derived.num_microbatches)
         through_engine = cfg.parallel.zero_stage > 0
         self.views: List[ChunkView] = [ChunkView(engine, i, through_engine) for i in range(len(engine.module))]
+        self._tied_weight = self._tied_embedding_weight()
+        if self._tied_weight is not None and not ps.is_pipeline_first_stage(ignore_virtual=True):
+            # The last stage's copy has the same (summed) gradient as the first stage's embedding:
+            # DeepSpeed skips "pipeline-replicated" parameters in the gradient norm, so it counts once.
+            self._tied_weight.ds_pipe_replicated = True
         self.forward_backward = get_forward_backward_func()
         self.forward_step = make_forward_step(aux)
 
     def _run(self, data_iterator, forward_only: bool) -> Dict[str, float]:
         n_chunks = len(self.views)
-        iterators = data_iterator if n_chunks == 1 else [data_iterator] * n_chunks
+        # The step's micro-batches, read once. With virtual pipeline stages megatron's interleaved
+        # schedule calls forward_step once per (chunk, micro-batch), each chunk reading its own
+        # iterator: chunk c must see micro-batches 0..n-1 in order like every other chunk. (One
+        # shared iterator would hand a first-stage rank's chunks alternating micro-batches, so the
+        # inputs of the first chunk and the labels of the last would not belong together.)
+        batches = [next(data_iterator) for _ in range(self.derived.num_microbatches)]
+        iterators = iter(batches) if n_chunks == 1 else [iter(batches) for _ in range(n_chunks)]
         model = self.views[0] if n_chunks == 1 else self.views
         self.aux.reset()
         losses = self.forward_backward(
@@ -102,6 +115,7 @@ class StepRunner:
         """Mean lm loss over micro-batches and data-parallel ranks, known on every rank.
 
         Only the last pipeline stage computes the loss; it is broadcast over the pipeline group.
+        Per-layer routing statistics (this rank's micro-batches) are gathered over the stages.
         """
         value = torch.zeros(1, dtype=torch.float64)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
@@ -113,13 +127,46 @@ class StepRunner:
             dist.all_reduce(value, group=ps.get_data_parallel_group())
             value /= ps.get_data_parallel_world_size()
         out = {"lm loss": float(value[0])}
-        out.update(self.aux.summary())
+        summary = self.aux.summary()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            # Routing statistics live with their layers: merge the stages' (disjoint) layer sets.
+            stages: List[dict] = [{} for _ in range(ps.get_pipeline_model_parallel_world_size())]
+            dist.all_gather_object(stages, summary, group=ps.get_pipeline_model_parallel_group())
+            summary = {k: v for stage in stages for k, v in stage.items()}
+        out.update(summary)
         return out
+
+    def _sync_tied_embedding_grads(self) -> None:
+        """Tied input/output embeddings under pipeline parallelism: sum the two copies' gradients.
+
+        The first stage holds the embedding, the last stage a copy as output layer; megatron's own
+        DDP all-reduces their gradients over the embedding group in finalize_model_grads, which
+        DeepSpeed does not do. Pipeline parallelism allows ZeRO 0/1 only, where the gradients are
+        still in ``.grad`` before ``engine.step()`` reduces them over data-parallel ranks.
+        """
+        weight = self._tied_weight
+        if weight is None:
+            return
+        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+        dist.all_reduce(grad, group=ps.get_embedding_group())
+        weight.grad = grad
+
+    def _tied_embedding_weight(self):
+        """This rank's copy of a tied embedding/output weight when PP splits the two, else None."""
+        if (ps.get_pipeline_model_parallel_world_size() == 1
+                or not ps.is_rank_in_embedding_group(ignore_virtual=True)
+                or dist.get_world_size(ps.get_embedding_group()) == 1):
+            return None
+        chunk = self.views[0 if ps.is_pipeline_first_stage(ignore_virtual=True) else -1].module
+        if not getattr(chunk, "share_embeddings_and_output_weights", False):
+            return None
+        return chunk.shared_embedding_or_output_weight()
 
     def train_step(self, data_iterator) -> Dict[str, float]:
         for v in self.views:
             v.train()
         metrics = self._run(data_iterator, forward_only=False)
+        self._sync_tied_embedding_grads()
         metrics["learning rate"] = float(self.engine.get_lr()[0])  # the LR this update uses
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()  # None under ZeRO stage 0 (DeepSpeed keeps it internal)

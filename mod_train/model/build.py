@@ -31,6 +31,8 @@ def transformer_config(cfg: Config, derived: Derived) -> TransformerConfig:
             moe_ffn_hidden_size=m.moe.ffn_hidden_size or derived.ffn_hidden_size,
             moe_shared_expert_intermediate_size=m.moe.shared_expert_ffn_hidden_size,
             moe_router_load_balancing_type="aux_loss",
+            # megatron-core requires it for top-1 (a softmax over one selected logit has no gradient).
+            moe_router_pre_softmax=m.moe.top_k == 1,
             moe_grouped_gemm=False,
         )
         if m.moe.capacity_factor is not None:
@@ -71,6 +73,12 @@ def transformer_config(cfg: Config, derived: Derived) -> TransformerConfig:
         # Gradients are reduced by DeepSpeed, not megatron's DDP wrapper.
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=False,
+        # Interleaved schedule with pp=2: both neighbours are the same rank, and in one exchange
+        # that rank sends an activation (send_next) and a gradient (send_prev) of the same shape.
+        # batch_isend_irecv issues send_prev first while the receiver posts recv_prev first, so on
+        # gloo the gradient lands in the activation buffer. megatron's unbatched path orders the
+        # ops by rank parity (and splits the directions over two communicators for a group of 2).
+        batch_p2p_comm=par.vpp is None,
         **moe_kwargs,
     )
 

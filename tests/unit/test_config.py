@@ -42,6 +42,7 @@ def test_defaults_validate_and_derive_layout():
     (["model=tiny_mod", "model.mod.layers=[7]"], 1, "out of range for model.num_layers=4"),
     (["model=tiny_mod", "model.mod.capacity=0.001"], 1, "rounds to k=0"),
     (["optim.schedule=linear"], 1, "optim.schedule must be"),
+    (["parallel.cp=2"], 2, "context parallelism is not supported"),
     (["model=tiny_mod", "model.mod.capacity=0.05", "parallel.tp=2", "parallel.sequence_parallel=true"], 2,
      "routes k=3 tokens, which sequence parallel cannot split over parallel.tp=2"),
 ])
