@@ -139,6 +139,101 @@ def install_sequence_parallel_grad_sync(chunks: List[torch.nn.Module]) -> int:
     return hooked
 
 
+# ----------------------------------------------------------------------------- expert parallelism
+# megatron marks expert parameters ``allreduce=False`` when EP > 1; DeepSpeed calls such parameters
+# MoE parameters (deepspeed.moe.utils.is_moe_param) and reduces / partitions them over the
+# expert-data-parallel group it finds under ``param.group_name`` in deepspeed.utils.groups. The
+# helpers below hand megatron's own expert groups to DeepSpeed (no new process groups), tag the
+# parameters, split the optimizer groups the way DeepSpeed expects, and tell the engine that the
+# model has MoE layers (it only looks for its own ``deepspeed.moe.layer.MoE`` modules).
+#
+# What DeepSpeed then does (ZeRO 1/2, deepspeed 0.19.8): expert gradients are divided by the full
+# DP size and reduce-scattered over the expert-DP group (each expert's gradient is the sum over the
+# tokens of all DP ranks, reaching it through the all-to-all); the gradient norm for clipping sums
+# the squared norms of every partition over the whole DP group, which spans the EP group, so every
+# expert counts once (then TP x PP as for dense parameters); the optimizer state of an expert is
+# partitioned over its expert-DP group. ZeRO-3 and stage 0 are rejected in validate.py.
+
+
+def expert_group_name() -> str:
+    # DeepSpeed parses the EP size out of this name ("ep_size_<N>", groups._get_max_expert_size).
+    return f"ep_size_{ps.get_expert_model_parallel_world_size()}"
+
+
+def register_expert_groups() -> str:
+    """Register megatron's expert-model-parallel and expert-data-parallel groups with DeepSpeed."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    name = expert_group_name()
+    ep, edp = ps.get_expert_model_parallel_group(), ps.get_expert_data_parallel_group()
+    # Several runs can share a process (tests): drop the groups of an earlier parallel_state.
+    for table in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                  groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+        table.clear()
+    groups._EXPERT_PARALLEL_GROUP[name] = ep
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(ep)
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = edp
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(edp)
+    return name
+
+
+def expert_params(chunks: List[torch.nn.Module]) -> List[torch.nn.Parameter]:
+    """Parameters that live on one EP rank only (megatron: ``allreduce=False``)."""
+    return [p for c in chunks for p in c.parameters() if getattr(p, "allreduce", True) is False]
+
+
+def split_moe_param_groups(groups_: List[dict], group_name: str, experts: List[torch.nn.Parameter]) -> List[dict]:
+    """Tag expert parameters and split every optimizer group into non-MoE / MoE groups."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    for p in experts:
+        p.group_name = group_name
+    named = [{**g, "name": g.get("name", f"group{i}")} for i, g in enumerate(groups_)]
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]
+
+
+def _deepspeed_moe_marker(num_experts: int, group_name: str) -> torch.nn.Module:
+    """A parameterless ``deepspeed.moe.layer.MoE`` whose presence sets ``engine.has_moe_layers``.
+
+    It holds no experts (``num_local_experts = 0``): DeepSpeed's per-expert checkpoint files stay
+    empty and the expert weights travel in the module and ZeRO files (see build_engine).
+    """
+    from deepspeed.moe.layer import MoE
+
+    class MegatronExpertsForDeepSpeed(MoE):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.num_experts = num_experts
+            self.num_local_experts = 0
+            self.expert_group_name = group_name
+            self.ep_size = ps.get_expert_model_parallel_world_size()
+
+        def set_deepspeed_parallelism(self, *args, **kwargs):
+            pass  # the groups are megatron's, registered by register_expert_groups()
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("marker module, not a layer")
+
+    return MegatronExpertsForDeepSpeed()
+
+
+def _reload_params_from_zero_partitions(engine) -> None:
+    """After load_checkpoint: DeepSpeed's model file is written by DP rank 0 only, so it holds that
+    rank's experts; every rank's ZeRO file holds its own fp32 master partitions. Copy those back
+    into the parameters (what the next optimizer step would do anyway) so each EP rank resumes with
+    its own experts."""
+    load = engine.load_checkpoint
+
+    def load_checkpoint(*args, **kwargs):
+        out = load(*args, **kwargs)
+        if out[0] is not None and hasattr(engine.optimizer, "update_lp_params"):
+            engine.optimizer.update_lp_params()
+        return out
+
+    engine.load_checkpoint = load_checkpoint
+
+
 def build_engine(cfg: Config, derived: Derived, container: torch.nn.Module, chunks: List[torch.nn.Module]):
     """Wrap ``container`` (a ModuleList of model chunks) in a DeepSpeed engine with AdamW."""
     import deepspeed
@@ -147,8 +242,14 @@ def build_engine(cfg: Config, derived: Derived, container: torch.nn.Module, chun
     if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1:
         install_sequence_parallel_grad_sync(chunks)
     o = cfg.optim
+    groups_ = param_groups(chunks, o.weight_decay)
+    experts = expert_params(chunks)
+    if experts:
+        name = register_expert_groups()
+        groups_ = split_moe_param_groups(groups_, name, experts)
+        chunks[0].add_module("deepspeed_moe_marker", _deepspeed_moe_marker(cfg.model.moe.num_experts, name))
     optimizer = torch.optim.AdamW(
-        param_groups(chunks, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        groups_, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
         fused=torch.cuda.is_available(),
     )
     engine, _, _, scheduler = deepspeed.initialize(
@@ -159,4 +260,6 @@ def build_engine(cfg: Config, derived: Derived, container: torch.nn.Module, chun
         mpu=MegatronMPU(),
         dist_init_required=False,
     )
+    if experts:
+        _reload_params_from_zero_partitions(engine)
     return engine, scheduler

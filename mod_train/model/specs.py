@@ -37,17 +37,34 @@ def _use_transformer_engine() -> bool:
     return True
 
 
-def base_layer_spec(model: ModelConfig, moe: bool) -> ModuleSpec:
-    """The dense (or MoE) transformer layer spec from megatron-core."""
+def base_layer_spec(model: ModelConfig, moe: bool, mod_seq_length: int | None = None) -> ModuleSpec:
+    """The dense (or MoE) transformer layer spec from megatron-core.
+
+    MoE layers use moe.py's observed layer/router and EP-independent experts (mode.py's no-op
+    expert router for integrated MoDE); ``mod_seq_length`` marks the MoE layer of a MoD layer.
+    """
     num_experts = model.moe.num_experts if moe else None
     if _use_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
-    spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts, normalization=model.normalization))
-    # megatron-core's local attention materialises masks with CUDA-only helpers; SDPA is both
-    # portable and the fast kernel (see attention.py).
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
+    else:
+        spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts, normalization=model.normalization))
+        # megatron-core's local attention materialises masks with CUDA-only helpers; SDPA is both
+        # portable and the fast kernel (see attention.py).
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if moe:
+        from mod_train.model.moe import moe_mlp_spec
+
+        if model.moe.mode == "integrated":
+            from mod_train.model.mode import MoDELayer, NoOpRouter
+
+            mlp = moe_mlp_spec(spec.submodules.mlp, MoDELayer, NoOpRouter, mod_seq_length=mod_seq_length)
+        else:
+            mlp = moe_mlp_spec(spec.submodules.mlp, mod_seq_length=mod_seq_length)
+        spec = copy.copy(spec)
+        spec.submodules = copy.copy(spec.submodules)
+        spec.submodules.mlp = mlp
     return spec
 
 
@@ -66,7 +83,8 @@ def layer_specs(model: ModelConfig, derived: Derived) -> List[ModuleSpec]:
     specs: List[ModuleSpec] = []
     mod_capacity = dict(zip(derived.mod_layers, derived.mod_capacities))
     for idx in range(model.num_layers):
-        spec = base_layer_spec(model, moe=idx in derived.moe_layers)
+        spec = base_layer_spec(model, moe=idx in derived.moe_layers,
+                               mod_seq_length=model.seq_length if idx in mod_capacity else None)
         if idx in mod_capacity:
             # Mixture-of-Depths: the layer's block only sees the top-k tokens (mod.py).
             from mod_train.model.mod import mod_layer_spec

@@ -103,6 +103,25 @@ def test_dense_kv_cache_matches_full_forward(megatron_tp1, variant):
     assert new == reference_greedy(model, prompt, 16)
 
 
+@pytest.mark.parametrize("preset", ["tiny_mode_staged", "tiny_mode_integrated"])
+def test_mode_kv_cache_matches_causal_full_forward(megatron_tp1, preset):
+    """MoDE: staged (MoD routing around an MoE layer) and integrated (a no-op expert) decode with
+    the KV cache exactly like the full causal forward."""
+    model, cfg = build(f"model={preset}")
+    ids = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    if mod_layers(model):
+        sharpen_routers(model, ids)
+    want = full_forward_logits(model, ids)
+    dec = KVCacheDecoder(model)
+    got = torch.stack([dec.step(t) for t in ids])
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    prompt = ids[:6]
+    new, per_step = generate(model, cfg, prompt, 12, greedy=True)
+    full = full_forward_logits(model, prompt + new)
+    torch.testing.assert_close(per_step, full[len(prompt) - 1: -1], atol=ATOL, rtol=0)
+    assert new == reference_greedy(model, prompt, 12)
+
+
 @pytest.mark.parametrize("causal", ["aux_loss", "predictor"])
 def test_mod_kv_cache_matches_causal_full_forward(megatron_tp1, causal):
     model, cfg = build("model=tiny_mod", f"model.mod.causal={causal}")

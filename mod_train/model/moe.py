@@ -1,0 +1,294 @@
+"""Mixture-of-Experts layers: megatron-core's MoELayer with routing statistics and EP-independent init.
+
+Three small megatron-core subclasses, put into the layer spec by ``specs.py``:
+
+* :class:`ObservedRouter` (a ``TopKRouter``) keeps the load-balancing loss and the router z-loss of
+  its last forward pass (megatron logs them only into its global tracker).
+* :class:`ObservedMoELayer` (a ``MoELayer``) records, per forward pass and as device tensors (no
+  host sync), under ``moe/layer{n}/``: ``load_e{i}`` (share of the top-k routing slots that went to
+  expert i), ``load_max`` (the busiest expert's share x number of experts: 1.0 is perfectly
+  balanced), ``dropped_frac`` (slots dropped by the capacity factor; only when it is set),
+  ``aux_loss`` (load-balancing loss, before its coefficient), ``z_loss`` (mean squared logsumexp of
+  the router logits), and in a staged-MoDE layer ``skip_frac`` (share of the sequence that the
+  enclosing MoD router sent around the block). It also counts slots per expert for the routing
+  heatmap written at checkpoints (:func:`gather_routing_loads`, :func:`save_routing_heatmap`).
+* :class:`SeededSequentialMLP` (megatron's ``SequentialMLP``) draws every expert from a generator
+  seeded by (layer seed, *global* expert index), so an expert's initial weights do not depend on
+  the expert-parallel size: with ``use_cpu_initialization`` megatron draws each EP rank's local
+  experts from the same stream, which makes the experts of different EP ranks identical and the
+  EP=2 model differ from the EP=1 model. The layer seed is one draw from the default generator
+  (the same for every EP size) and the experts are built inside a forked RNG state, so the rest of
+  the model is drawn identically for every EP size too.
+
+Integrated MoDE (a no-op expert in the router) builds on these in ``mode.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router import TopKRouter
+
+log = logging.getLogger(__name__)
+
+
+def ensure_router_gemm_fallback() -> None:
+    """Without Transformer Engine megatron's router references an unbound ``te_general_gemm``
+    (NameError in every MoE router, CPU or GPU). Apply the named cpu_compat patch that binds it
+    to None (upstream's own torch.mm fallback) whenever TE is absent, not only on CPU."""
+    try:
+        import transformer_engine  # noqa: F401
+        return
+    except ImportError:
+        pass
+    from mod_train.distributed.cpu_compat import PATCHES
+
+    next(p for p in PATCHES if p.name == "moe-te-general-gemm").apply()
+
+
+# ----------------------------------------------------------------------------- router
+class ObservedRouter(TopKRouter):
+    """megatron's top-k router that keeps its last auxiliary and z-loss values for logging."""
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.last_aux_loss: Optional[torch.Tensor] = None
+        self.last_z_loss: Optional[torch.Tensor] = None
+
+    def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss, aux_loss_name,
+                                           reduce_group, reduce_group_has_dp=False, valid_token_count=None):
+        if aux_loss_name == "load_balancing_loss":
+            self.last_aux_loss = (aux_loss / aux_loss_coeff).detach()
+        return super().attach_and_log_load_balancing_loss(
+            activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+            reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
+
+    def apply_z_loss(self, logits, padding_mask=None):
+        with torch.no_grad():
+            self.last_z_loss = torch.logsumexp(logits.float(), dim=-1).square().mean()
+        return super().apply_z_loss(logits, padding_mask=padding_mask)
+
+
+# ----------------------------------------------------------------------------- layer
+class ObservedMoELayer(MoELayer):
+    """megatron-core's MoELayer plus per-layer routing statistics (see module docstring).
+
+    ``mod_seq_length``: set for the MoE layer of a staged-MoDE layer (inside a MoD layer), the
+    full sequence length, to report the share of tokens the MoD router skipped.
+    """
+
+    # Routing-map columns that are real experts; mode.py's integrated MoDE adds a no-op column.
+    num_noop_experts = 0
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
+                 mod_seq_length: Optional[int] = None):
+        ensure_router_gemm_fallback()
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         pg_collection=pg_collection)
+        self.mod_seq_length = mod_seq_length
+        self._recorder = None
+        self._stats: Dict[str, torch.Tensor] = {}
+        # Routing slots per expert (+ no-op) since the last heatmap; not part of the state dict.
+        self.routing_counts: Optional[torch.Tensor] = None
+
+    # -- AuxLossRecorder protocol
+    def attach_recorder(self, recorder) -> None:
+        self._recorder = recorder
+
+    def routing_stats(self) -> Dict[str, float]:
+        return {k: float(v) for k, v in self._stats.items()}
+
+    # -- routing
+    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        probs, routing_map = super().route(hidden_states, padding_mask)
+        training = self.training and torch.is_grad_enabled()
+        with torch.no_grad():
+            self._record(hidden_states, routing_map, training)
+        return probs, routing_map
+
+    def _record(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, training: bool) -> None:
+        prefix = f"moe/layer{self.layer_number}"
+        counts = routing_map.sum(dim=0, dtype=torch.float32)  # [experts (+ no-op)]
+        slots = float(routing_map.size(0) * self.config.moe_router_topk)
+        share = counts / max(slots, 1.0)
+        n_real = counts.numel() - self.num_noop_experts
+        stats: Dict[str, torch.Tensor] = {f"{prefix}/load_e{i}": share[i] for i in range(n_real)}
+        real = share[:n_real]
+        stats[f"{prefix}/load_max"] = real.max() / real.sum().clamp(min=1e-12) * n_real
+        if self.config.moe_expert_capacity_factor is not None:
+            stats[f"{prefix}/dropped_frac"] = 1.0 - share.sum()
+        aux, z = getattr(self.router, "last_aux_loss", None), getattr(self.router, "last_z_loss", None)
+        if aux is not None and training:
+            stats[f"{prefix}/aux_loss"] = aux
+        if z is not None:
+            stats[f"{prefix}/z_loss"] = z
+        stats.update(self._extra_stats(prefix, share, hidden_states))
+        self.router.last_aux_loss = self.router.last_z_loss = None
+        self._stats = stats
+        if self._recorder is not None:
+            for name, value in stats.items():
+                self._recorder.record(name, value)
+        if training:
+            if self.routing_counts is None or self.routing_counts.device != counts.device:
+                self.routing_counts = torch.zeros_like(counts, dtype=torch.float64)
+            self.routing_counts += counts
+
+    def _extra_stats(self, prefix: str, share: torch.Tensor, hidden_states: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if not self.mod_seq_length:
+            return {}
+        # Staged MoDE: this layer sees only the tokens its MoD router selected ([k, b, h], split
+        # over TP under sequence parallelism).
+        sp = self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1
+        seen = hidden_states.size(0) * (self.config.tensor_model_parallel_size if sp else 1)
+        return {f"{prefix}/skip_frac": torch.tensor(1.0 - seen / self.mod_seq_length, device=share.device)}
+
+
+# ----------------------------------------------------------------------------- experts
+def _expert_seed(layer_seed: int, global_expert: int, linear: int) -> int:
+    return (layer_seed * 1_000_003 + global_expert * 7 + linear) % (2**63 - 1)
+
+
+def _redraw_linear(linear: torch.nn.Module, init_method, seed: int, tp_rank: int, tp_size: int) -> None:
+    """Re-draw a (column- or row-) parallel linear's weight as megatron's CPU initialisation does
+    (the full master weight, then this rank's TP slice), from a generator seeded with ``seed``."""
+    from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
+
+    weight = linear.weight
+    partition_dim = getattr(weight, "partition_dim", 0)
+    stride = getattr(weight, "partition_stride", 1)
+    tensor_parallel = getattr(weight, "tensor_model_parallel", False) and tp_size > 1
+    world = tp_size if tensor_parallel else 1
+    full = list(weight.shape)
+    full[partition_dim] *= world
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        _initialize_affine_weight_cpu(
+            weight, full[0], full[1], weight.shape[partition_dim], partition_dim, init_method, stride=stride,
+            params_dtype=weight.dtype, rank=tp_rank if tensor_parallel else 0, world_size=world,
+            skip_set_tensor_parallel_attributes=True)
+    bias = getattr(linear, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        with torch.no_grad():
+            bias.zero_()
+
+
+class SeededSequentialMLP(SequentialMLP):
+    """megatron's SequentialMLP whose experts are drawn independently of the EP layout."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
+        from megatron.core.utils import get_pg_rank, get_pg_size
+
+        # One draw from the default stream, identical for every EP size: the layer's expert seed.
+        layer_seed = int(torch.randint(0, 2**62, (1,)).item())
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+        if not self.config.perform_initialization:
+            return
+        first = get_pg_rank(self.ep_group) * num_local_experts
+        tp_rank, tp_size = get_pg_rank(self.tp_group), get_pg_size(self.tp_group)
+        for local, expert in enumerate(self.local_experts):
+            g = first + local
+            _redraw_linear(expert.linear_fc1, self.config.init_method, _expert_seed(layer_seed, g, 1), tp_rank, tp_size)
+            _redraw_linear(expert.linear_fc2, self.config.output_layer_init_method, _expert_seed(layer_seed, g, 2),
+                           tp_rank, tp_size)
+
+
+# ----------------------------------------------------------------------------- spec
+class _KnownMoELayerFilter(logging.Filter):
+    """megatron's TransformerLayer passes its process groups only to MLP classes it knows by
+    identity and warns "Unknown MLP type" for subclasses such as ours, which then take megatron's
+    default process groups: the ones the layer itself uses here (models are built without a custom
+    pg_collection). Drop exactly that warning while our MoE specs are in use."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type:")
+
+
+def _silence_unknown_mlp_warning() -> None:
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _KnownMoELayerFilter) for f in logger.filters):
+        logger.addFilter(_KnownMoELayerFilter())
+
+
+def moe_mlp_spec(mlp_spec, layer_cls=ObservedMoELayer, router_cls=ObservedRouter,
+                 mod_seq_length: Optional[int] = None):
+    """megatron's MoE MLP spec with our layer, router and EP-independent experts."""
+    _silence_unknown_mlp_warning()
+    spec = copy.deepcopy(mlp_spec)
+    spec.module = layer_cls
+    spec.submodules.router = router_cls
+    experts = spec.submodules.experts
+    if getattr(experts, "module", None) is SequentialMLP:
+        experts.module = SeededSequentialMLP
+    if mod_seq_length:
+        spec.params = {**(spec.params or {}), "mod_seq_length": mod_seq_length}
+    return spec
+
+
+# ----------------------------------------------------------------------------- heatmap
+def moe_layers(chunks: Sequence[torch.nn.Module]) -> List[ObservedMoELayer]:
+    return [m for c in chunks for m in c.modules() if isinstance(m, ObservedMoELayer)]
+
+
+def gather_routing_loads(chunks: Sequence[torch.nn.Module], num_layers: int, num_columns: int,
+                         device: Union[torch.device, str]) -> Dict[int, List[float]]:
+    """Share of routing slots per expert (columns; the no-op last) of every MoE layer since the
+    last call, over all ranks. A collective over the default group: call it on every rank.
+    Returns {1-based layer number: shares} (the same on every rank); resets the counts."""
+    import torch.distributed as dist
+
+    table = torch.zeros(num_layers, num_columns, dtype=torch.float64, device=device)
+    for m in moe_layers(chunks):
+        if m.routing_counts is not None:
+            n = m.routing_counts.numel()
+            table[m.layer_number - 1, :n] += m.routing_counts.to(device)
+            m.routing_counts.zero_()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(table)
+    totals = table.sum(dim=1, keepdim=True)
+    shares = (table / totals.clamp(min=1e-12)).cpu()
+    return {i + 1: shares[i].tolist() for i in range(num_layers) if float(totals[i]) > 0}
+
+
+def save_routing_heatmap(loads: Dict[int, List[float]], out_png: Union[str, os.PathLike],
+                         column_labels: Sequence[str], title: str = "") -> Optional[Path]:
+    """Layers x experts heatmap of routing shares as a PNG; None when matplotlib is missing."""
+    if not loads:
+        return None
+    try:
+        # The object-oriented API: no pyplot, so no global figure state and no GUI backend.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.info("matplotlib is not installed; skipping %s", out_png)
+        return None
+    layers = sorted(loads)
+    data = [loads[layer][:len(column_labels)] for layer in layers]
+    fig = Figure(figsize=(2.5 + 0.6 * len(column_labels), 1.4 + 0.45 * len(layers)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    top = max(max(row) for row in data) or 1.0
+    image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=top)
+    ax.set_xticks(range(len(column_labels)), labels=list(column_labels))
+    ax.set_yticks(range(len(layers)), labels=[f"layer {n}" for n in layers])
+    ax.set_xlabel("expert")
+    if len(column_labels) * len(layers) <= 256:
+        for r, row in enumerate(data):
+            for c, value in enumerate(row):
+                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="k" if value > 0.6 * top else "w")
+    fig.colorbar(image, ax=ax, label="share of routing slots")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
