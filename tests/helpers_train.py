@@ -54,3 +54,26 @@ def losses(run_dir: Path, key: str = "lm loss") -> Dict[int, float]:
 
 def dump(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
+
+
+def kill_processes(procs) -> None:
+    """SIGKILL psutil processes (already gone ones are skipped) and wait for them."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun puts workers in new sessions,
+    so killing its process group alone leaves the ranks running)."""
+    import psutil
+
+    try:
+        kill_processes(psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)])
+    except psutil.NoSuchProcess:
+        return

@@ -4,29 +4,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from mod_train.checkpoint.layout import CheckpointDir, read_metadata
-from tests.helpers_train import REPO, free_port, losses, run_dir_overrides, tiny_overrides
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants at once (torchrun puts workers in new sessions,
-    so killing its process group alone leaves the ranks running)."""
-    import psutil
-
-    try:
-        procs = psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
+from tests.helpers_train import REPO, free_port, kill_tree, losses, run_dir_overrides, tiny_overrides
 
 
 def _train_cmd(overrides):

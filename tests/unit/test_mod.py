@@ -1,6 +1,5 @@
 """Mixture-of-Depths layer behaviour on real megatron-core layers (single process)."""
 
-import copy
 
 import pytest
 import torch
