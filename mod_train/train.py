@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -24,15 +26,66 @@ log = logging.getLogger("mod_train")
 
 # Config keys that may change when a stopped run is resumed (logged as tags, not params).
 PER_INVOCATION_KEYS = ("train.exit_interval", "checkpoint.resume")
+# loss_vs_flops.png is redrawn at checkpoints at most this often (and at the end of each invocation).
+LOSS_PLOT_INTERVAL_S = 300.0
+
+# Exit code of an invocation stopped by a signal (a pre-empted job) after its checkpoint was saved.
+PREEMPTED_EXIT_CODE = 124
+STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
+
+
+class StopSignals:
+    """SIGUSR1/SIGTERM (Slurm's pre-emption warning, a job's termination) become a flag; the loop
+    stops at the end of the step with a checkpoint. The flag is all-reduced (MAX) every step, so all
+    ranks stop at the same step even if the signal reached only some of them."""
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: dict = {}
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # only sets the flag: safe at any point of the step
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def agreed(self, device) -> Optional[str]:
+        """The signal name if any rank got one (a collective: every rank calls it every step)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not int(flag.item()):
+            return None
+        return self.received or "a signal on another rank"
+
+
+_early_signals: Optional[StopSignals] = None  # installed by main() before the heavy imports
 
 
 class Trainer:
     """Holds the pieces of one run; ``fit()`` runs the loop until max_steps or exit_interval."""
 
+    stop_signals: Optional[StopSignals] = None  # set by run_until_stopped(): stop on SIGUSR1/SIGTERM
+    stopped_by: Optional[str] = None  # the signal that stopped fit(), if any
+
     def __init__(self, cfg: Config):
         import torch
 
-        from mod_train.checkpoint.state import Checkpointer, TrainState
+        from mod_train.checkpoint.model_io import load_model, model_dir_of
+        from mod_train.checkpoint.state import Checkpointer, TrainState, layout_of
         from mod_train.data.datasets import MicroBatches, build_datasets
         from mod_train.data.tokenizer import load_tokenizer
         from mod_train.distributed.init import init_distributed, seed_everything
@@ -55,14 +108,28 @@ class Trainer:
         chunks = build_model_chunks(cfg, self.derived)
         self.num_params_local = count_parameters(chunks)
         self.aux = AuxLossRecorder(chunks)
+
+        ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.checkpointer = Checkpointer(ckpt_root, cfg.checkpoint.keep_last, self.env.rank,
+                                         layout=layout_of(cfg, self.derived))
+        resume_from = self.checkpointer.resolve(cfg.checkpoint.resume)
+        # Weights that do not come from DeepSpeed's files are loaded before the engine exists, so
+        # ZeRO's fp32 partitions (and ZeRO-3's parameter shards) are made from them.
+        reshard = resume_from is not None and self.checkpointer.needs_reshard(resume_from)
+        if reshard:
+            self.checkpointer.load_weights_for_reshard(chunks, resume_from)
+        elif resume_from is None and cfg.checkpoint.init_from:
+            load_model(chunks, model_dir_of(cfg.checkpoint.init_from))
+            self._info(f"initialised the model from {cfg.checkpoint.init_from}")
         self.engine, self.scheduler = build_engine(cfg, self.derived, ModelChunks(chunks), chunks)
         self.runner = StepRunner(self.engine, cfg, self.derived, self.aux)
 
-        ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
-        self.checkpointer = Checkpointer(ckpt_root, cfg.checkpoint.keep_last, self.env.rank)
-        resume_from = self.checkpointer.resolve(cfg.checkpoint.resume)
         self.state = TrainState()
-        if resume_from is not None:
+        if reshard:
+            self.state = self.checkpointer.load_resharded(self.engine, resume_from, self.scheduler)
+            self._info(f"resumed from {resume_from} at step {self.state.step}, resharded from layout "
+                       f"{self.checkpointer.saved_layout(resume_from)}")
+        elif resume_from is not None:
             self.state = self.checkpointer.load(self.engine, resume_from)
             self._info(f"resumed from {resume_from} at step {self.state.step}")
 
@@ -106,6 +173,7 @@ class Trainer:
                 "layout": f"tp{self.cfg.parallel.tp}_pp{self.cfg.parallel.pp}_ep{self.cfg.parallel.ep}_dp{self.derived.dp}_zero{self.cfg.parallel.zero_stage}",
                 "flops_per_token": f"{self.flops_per_token:.6g}",
                 "world_size": str(self.env.world_size),
+                "run_dir": str(self.run_dir.resolve()),  # how mod-mlflow-sync finds the run
             })
             tracker.log_artifact(self.cfg.data.tokenizer_model)
             resolved = self.run_dir / "resolved_config.yaml"
@@ -130,6 +198,28 @@ class Trainer:
         self.metrics_file.append(step, metrics)
         self.tracker.log_metrics(metrics, step=step)
 
+    _last_plot = float("-inf")
+
+    def _log_loss_plot(self, force: bool = False) -> None:
+        """Rank 0: <run_dir>/loss_vs_flops.png from metrics.jsonl, logged as an artifact.
+
+        At checkpoints at most every LOSS_PLOT_INTERVAL_S, always at the end of an invocation
+        (``force``). Never stops training; without matplotlib it is skipped (a logged note).
+        """
+        if not self.env.is_main or (not force and time.monotonic() - self._last_plot < LOSS_PLOT_INTERVAL_S):
+            return
+        self._last_plot = time.monotonic()
+        try:
+            from mod_train.tracking.plots import plot_loss_vs_flops
+            from mod_train.tracking.sync import LOSS_PLOT, merged_rows
+
+            png = plot_loss_vs_flops(merged_rows(self.run_dir / "metrics.jsonl"), self.run_dir / LOSS_PLOT)
+        except Exception as e:  # noqa: BLE001 - a plot must never stop training
+            log.warning("loss-vs-FLOPs plot failed: %s", e)
+            return
+        if png is not None:
+            self.tracker.log_artifact(str(png))
+
     # ------------------------------------------------------------------ loop
     def fit(self):
         cfg, d = self.cfg, self.derived
@@ -145,29 +235,70 @@ class Trainer:
             if self.state.step % cfg.train.log_interval == 0 or self.state.step == cfg.train.max_steps:
                 elapsed = (time.time() - t_last) / max(steps_this_run - logged_at, 1)
                 logged_at, t_last = steps_this_run, time.time()
-                metrics.update(self._throughput(elapsed, tokens_per_step))
+                metrics.update(self._throughput(elapsed, tokens_per_step, self._measured_flops_per_token(metrics)))
                 self._log(self.state.step, metrics)
             if self.valid_dataset is not None and self.state.step % cfg.train.eval_interval == 0:
                 self._log(self.state.step, self.evaluate())
             exiting = cfg.train.exit_interval is not None and steps_this_run >= cfg.train.exit_interval
+            if self.stop_signals is not None:
+                self.stopped_by = self.stop_signals.agreed(self.env.device)
+                exiting = exiting or self.stopped_by is not None
             if (self.state.step % cfg.checkpoint.save_interval == 0 or self.state.step == cfg.train.max_steps
                     or exiting):
                 # The run id is known late if the tracking server was down at start.
                 self.state.mlflow_run_id = self.tracker.run_id
                 path = self.checkpointer.save(self.engine, self.state, {"config": to_plain_dict(cfg)})
                 self._info(f"saved checkpoint {path}")
+                self._log_routing_heatmap()
+                self._log_loss_plot(force=self.state.step == cfg.train.max_steps or exiting)
+            if exiting and self.stopped_by is not None:
+                self._info(f"stopped by {self.stopped_by} at step {self.state.step} (checkpoint saved); "
+                           f"exit code {PREEMPTED_EXIT_CODE}, resume with checkpoint.resume=auto")
+                break
             if exiting:
                 self._info(f"exit_interval={cfg.train.exit_interval} reached at step {self.state.step}; "
                            f"resume with checkpoint.resume=auto")
                 break
         return self.state
 
-    def _throughput(self, seconds_per_step: float, tokens_per_step: int) -> Dict[str, float]:
+    def _measured_flops_per_token(self, metrics: Dict[str, float]) -> float:
+        """Integrated MoDE: FLOPs at the no-op share measured this step (mean over MoE layers)."""
+        noop = [v for k, v in metrics.items() if k.startswith("moe/layer") and k.endswith("/noop_frac")]
+        if not noop:
+            return self.flops_per_token
+        from mod_train.model.flops import train_flops_per_token
+
+        d = self.derived
+        return train_flops_per_token(self.cfg.model, d.ffn_hidden_size, d.padded_vocab_size, d.mod_layers,
+                                     d.mod_capacities, d.moe_layers, noop_fraction=sum(noop) / len(noop))
+
+    def _log_routing_heatmap(self) -> None:
+        """MoE: a layers x experts heatmap of routing shares since the last checkpoint, gathered
+        from all ranks (a collective), written and logged as an MLflow artifact by rank 0."""
+        moe = self.cfg.model.moe
+        if moe.num_experts == 0:
+            return
+        from mod_train.model.moe import gather_routing_loads, save_routing_heatmap
+
+        labels = [f"e{i}" for i in range(moe.num_experts)] + (["no-op"] if moe.mode == "integrated" else [])
+        loads = gather_routing_loads(self.engine.module, self.cfg.model.num_layers, len(labels), self.env.device)
+        if self.env.is_main:
+            png = save_routing_heatmap(loads, self.run_dir / "routing" / f"routing_iter_{self.state.step:07d}.png",
+                                       labels, title=f"routing shares up to step {self.state.step}")
+            if png is not None:
+                self.tracker.log_artifact(str(png), artifact_path="routing")
+
+    def _throughput(self, seconds_per_step: float, tokens_per_step: int,
+                    flops_per_token: Optional[float] = None) -> Dict[str, float]:
         tokens_per_s = tokens_per_step / max(seconds_per_step, 1e-9)
-        tflops_per_device = self.flops_per_token * tokens_per_s / self.env.world_size / 1e12
+        flops_per_token = flops_per_token or self.flops_per_token
+        tflops_per_device = flops_per_token * tokens_per_s / self.env.world_size / 1e12
         out = {"elapsed time per iteration (ms)": seconds_per_step * 1000.0, "tokens/s": tokens_per_s,
                "TFLOP/s/device": tflops_per_device, "consumed samples": float(self.state.consumed_train_samples),
-               "global batch size": float(self.derived.global_batch_size)}
+               "global batch size": float(self.derived.global_batch_size),
+               # cumulative model FLOPs, all devices (step x global batch x seq x the flops_per_token
+               # tag): the x axis of loss_vs_flops.png, comparable across dense/MoD/MoE runs
+               "total FLOPs": float(self.flops_per_token * tokens_per_step * self.state.step)}
         if self.peak_tflops:
             out["MFU"] = tflops_per_device / self.peak_tflops
         import torch
@@ -196,20 +327,32 @@ class Trainer:
             self.tracker.flush()  # stays open in MLflow; the resumed invocation continues it
         if self.metrics_file is not None:
             self.metrics_file.close()
-        shutdown(keep_process_group)
+        shutdown(keep_process_group, failed=status == "FAILED")
 
 
 def run(cfg: Config, keep_process_group: bool = False):
     """Train (or resume) until max_steps or exit_interval; returns the final TrainState."""
-    trainer = Trainer(cfg)
+    return run_until_stopped(cfg, keep_process_group)[0]
+
+
+def run_until_stopped(cfg: Config, keep_process_group: bool = False):
+    """``run()`` that also stops (with a checkpoint) on SIGUSR1/SIGTERM: (TrainState, signal name or None)."""
+    global _early_signals
+    # Installed before the slow start-up (by main(), even before Hydra), so an early signal is not lost.
+    signals, _early_signals = (_early_signals or StopSignals().install()), None
     try:
-        state = trainer.fit()
-    except BaseException:
-        trainer.close("FAILED", keep_process_group)
-        raise
-    # A run stopped by exit_interval is not over: its MLflow run stays open for the resume.
-    trainer.close("FINISHED" if state.step >= cfg.train.max_steps else "RUNNING", keep_process_group)
-    return state
+        trainer = Trainer(cfg)
+        trainer.stop_signals = signals
+        try:
+            state = trainer.fit()
+        except BaseException:
+            trainer.close("FAILED", keep_process_group)
+            raise
+        # A run stopped by exit_interval or a signal is not over: its MLflow run stays open for the resume.
+        trainer.close("FINISHED" if state.step >= cfg.train.max_steps else "RUNNING", keep_process_group)
+        return state, trainer.stopped_by
+    finally:
+        signals.restore()
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base=None)
@@ -220,10 +363,14 @@ def _hydra_main(dcfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"mod-train: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
-    run(cfg)
+    _, stopped_by = run_until_stopped(cfg)
+    if stopped_by is not None:
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def main() -> None:
+    global _early_signals
+    _early_signals = StopSignals().install()
     register_configs()
     logging.basicConfig(level=os.environ.get("MOD_TRAIN_LOGLEVEL", "WARNING"))
     _hydra_main()

@@ -8,7 +8,7 @@ Cross-field rules (layout vs world size, heads vs TP, ...) live in ``validate.py
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -143,6 +143,9 @@ class CheckpointConfig:
     save_interval: int = 50
     keep_last: int = 2
     resume: str = "auto"  # "auto" | "none" | a checkpoint directory
+    # Start from these weights instead of the random init (ignored when resuming): a directory written
+    # by mod_train.checkpoint.model_io.save_model, or a checkpoint iter_N/ (its model/), any layout.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -154,6 +157,73 @@ class TrackingConfig:
 
 
 @dataclass
+class SlurmContainerConfig:
+    """Run every node's torchrun in a container: ``pyxis`` (srun --container-image) or ``apptainer``."""
+
+    runtime: str = "none"  # "none" | "pyxis" | "apptainer"
+    image: Optional[str] = None
+    mounts: List[str] = field(default_factory=list)  # "src:dst" (pyxis) or apptainer --bind specs
+    args: List[str] = field(default_factory=list)  # extra srun (pyxis) or `apptainer exec` flags
+
+
+@dataclass
+class SlurmPrepConfig:
+    """`mod-submit prep`: data preparation as Slurm jobs (tokenizer, tokenization array, merge)."""
+
+    # Input files/globs/directories; every resulting file is one task of the tokenization array.
+    inputs: List[str] = field(default_factory=list)
+    vocab_size: int = 32000
+    model_type: str = "bpe"  # "bpe" | "unigram"
+    text_key: str = "text"
+    max_sentences: int = 0  # tokenizer training on a random sample of N lines (0: all)
+    shard_dir: Optional[str] = None  # None: <data.paths[0]>_shards
+    cpus_per_task: int = 4
+    time: str = "04:00:00"
+    partition: Optional[str] = None  # None: slurm.partition (prep needs no GPUs: a CPU partition is fine)
+    array_parallelism: Optional[int] = None  # at most N array tasks at once (sbatch --array=...%N)
+
+
+@dataclass
+class SlurmConfig:
+    """`mod-submit`: how a run is laid out on a Slurm allocation (see docs/slurm.md).
+
+    Read only by ``launch/slurm.py``; the trainer ignores it.
+    """
+
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: a CPU cluster (gloo), ranks per node from procs_per_node
+    procs_per_node: Optional[int] = None  # ranks per node; None: gpus_per_node, or 1 without GPUs
+    cpus_per_task: Optional[int] = None  # CPUs of each node's task (all its ranks); None: Slurm's default
+    mem: Optional[str] = None  # --mem per node, e.g. "0" (all) or "480G"
+    time: str = "01:00:00"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    require_partition: bool = False  # the cluster has no default partition: fail at submit without one
+    require_account: bool = False
+    exclusive: bool = False
+    gpu_directive: str = "gpus-per-node"  # "gpus-per-node" | "gres" (--gres=gpu:N, older clusters)
+    job_name: Optional[str] = None  # None: the run directory's name
+    # Pre-emption: Slurm sends SIGUSR1 to the batch shell `signal_seconds` before the time limit;
+    # the trainer checkpoints at the end of the current step and the job requeues itself.
+    signal_seconds: int = 300
+    requeue: bool = True
+    max_requeues: int = 3  # consecutive requeues without a new checkpoint before giving up
+    rendezvous: str = "c10d"  # "c10d" | "static" (torchrun); the host is the allocation's first node
+    master_port: Optional[int] = None  # None: 20000 + job id % 20000
+    python: Optional[str] = None  # interpreter on the nodes; None: the one running mod-submit
+    workdir: Optional[str] = None  # None: the directory mod-submit runs in
+    setup: List[str] = field(default_factory=list)  # shell lines run first (module load ..., source ...)
+    env: Dict[str, str] = field(default_factory=dict)  # exported in the job (NCCL_*, ...)
+    sbatch_args: List[str] = field(default_factory=list)  # extra #SBATCH lines, e.g. ["--constraint=h100"]
+    srun_args: List[str] = field(default_factory=list)
+    torchrun_args: List[str] = field(default_factory=list)
+    template: Optional[str] = None  # None: slurm/train.sbatch.tmpl
+    container: SlurmContainerConfig = field(default_factory=SlurmContainerConfig)
+    prep: SlurmPrepConfig = field(default_factory=SlurmPrepConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -162,6 +232,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def register_configs() -> None:

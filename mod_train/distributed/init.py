@@ -90,9 +90,13 @@ def seed_everything(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def shutdown(keep_process_group: bool = False) -> None:
-    """Tear down parallel_state (and the process group unless several runs share one process)."""
-    if dist.is_initialized():
+def shutdown(keep_process_group: bool = False, failed: bool = False) -> None:
+    """Tear down parallel_state (and the process group unless several runs share one process).
+
+    ``failed``: this rank raised; no barrier, since the other ranks may be waiting inside a
+    collective that will never complete -- the exception must reach torchrun, which stops them.
+    """
+    if dist.is_initialized() and not failed:
         dist.barrier()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
