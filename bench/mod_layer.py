@@ -99,21 +99,31 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="time every layer once per round, in turn, so drift in the machine's speed "
+                        "(other jobs, clocks) hits all layers alike; report the median over rounds")
     args = p.parse_args()
     setup()
-    dense_layer, cfg, device, dtype = build(args, None)
-    dense = time_layer(dense_layer, cfg, device, dtype, args)
+    capacities = (1.0, 0.5, 0.25, 0.125)
+    layers = {"dense": build(args, None)}
+    for cap in capacities:
+        layers[f"MoD cap {cap}"] = build(args, cap)
+    times: dict = {name: [] for name in layers}
+    for _ in range(args.rounds):
+        for name, (layer, cfg, device, dtype) in layers.items():
+            times[name].append(time_layer(layer, cfg, device, dtype, args))
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    _, cfg, device, dtype = layers["dense"]
+    dense = median["dense"]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device_name}  dtype: {dtype}  hidden={args.hidden} heads={args.heads} seq={args.seq} "
-          f"batch={args.batch}  threads={torch.get_num_threads()}")
+          f"batch={args.batch}  threads={torch.get_num_threads()}  rounds={args.rounds}")
     print(f"{'layer':>16} {'ms (fwd+bwd)':>14} {'x dense':>8}")
-    print(f"{'dense':>16} {dense * 1e3:14.2f} {1.0:8.3f}")
     rows = {"dense_ms": dense * 1e3}
-    for cap in (1.0, 0.5, 0.25, 0.125):
-        layer, *_ = build(args, cap)
-        t = time_layer(layer, cfg, device, dtype, args)
-        rows[f"mod_{cap}_ratio"] = t / dense
-        print(f"{'MoD cap ' + str(cap):>16} {t * 1e3:14.2f} {t / dense:8.3f}")
+    for name, t in median.items():
+        print(f"{name:>16} {t * 1e3:14.2f} {t / dense:8.3f}")
+        if name != "dense":
+            rows[f"mod_{name.split()[-1]}_ratio"] = t / dense
     print("RESULT " + json.dumps({"device": device_name, "args": vars(args), **rows}))
 
 

@@ -175,13 +175,21 @@ class MoDTransformerLayer(TransformerLayer):
         return scatter_tokens(x, idx, delta, add=True)
 
     def _forward_topk(self, x, logits, rotary_pos_emb, *args, **kwargs) -> torch.Tensor:
-        idx = topk_indices(logits, self.k)
-        selected = gather_tokens(x, idx)
-        block_out = self._block(selected, gather_rope(rotary_pos_emb, idx), *args, **kwargs)
-        out = self._combine(x, idx, selected, block_out, torch.gather(logits, 1, idx))
+        if self.k == x.size(0):
+            # Capacity 1.0: top-k keeps every token in order, so gather/scatter are the identity;
+            # skipping them gives the same numbers at the cost of the dense layer plus the router.
+            block_out = self._block(x, rotary_pos_emb, *args, **kwargs)
+            weight = self.router.block_weight(logits)
+            out = block_out if weight is None else x + (block_out - x) * weight.transpose(0, 1).unsqueeze(-1).to(x.dtype)
+            target = torch.ones_like(logits)
+        else:
+            idx = topk_indices(logits, self.k)
+            selected = gather_tokens(x, idx)
+            block_out = self._block(selected, gather_rope(rotary_pos_emb, idx), *args, **kwargs)
+            out = self._combine(x, idx, selected, block_out, torch.gather(logits, 1, idx))
+            # Top-k membership, the target of the causal decision (carries no gradient).
+            target = torch.zeros_like(logits).scatter_(1, idx, 1.0)
 
-        # Causal decision trained towards top-k membership (targets carry no gradient).
-        target = torch.zeros_like(logits).scatter_(1, idx, 1.0)
         causal = self.router.causal_logits(x, logits)
         aux = F.binary_cross_entropy_with_logits(causal, target)
         if self.training and torch.is_grad_enabled():

@@ -45,6 +45,20 @@ def test_capacity_one_without_weighting_equals_dense(megatron_tp1):
     assert torch.equal(got, want)
 
 
+def test_capacity_one_with_sigmoid_weighting_scales_the_dense_update(megatron_tp1):
+    # At capacity 1.0 the layer takes its gather-free path; it must still weight the block's
+    # update by the router and send gradient to the router.
+    dense, mod, cfg = make_layers(1.0, "sigmoid")
+    x = torch.randn(S, B, H)
+    rope = rope_table(cfg)
+    block, _ = dense(x, attention_mask=None, rotary_pos_emb=rope)
+    weight = torch.sigmoid(mod.router.scores(x)).detach().t().unsqueeze(-1)  # [S, B, 1]
+    got, _ = mod(x, attention_mask=None, rotary_pos_emb=rope)
+    torch.testing.assert_close(got, x + weight * (block - x), rtol=1e-6, atol=1e-6)
+    got.pow(2).sum().backward()
+    assert mod.router.linear.weight.grad.abs().sum() > 0
+
+
 def test_router_gets_gradient_and_unrouted_tokens_pass_through(megatron_tp1):
     _, mod, cfg = make_layers(0.25, "sigmoid")
     x = torch.randn(S, B, H, requires_grad=True)
