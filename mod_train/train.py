@@ -103,7 +103,8 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer_model,
+                                        mock_vocab_size=cfg.model.vocab_size if cfg.data.mock else None)
         seed_everything(cfg.train.seed)
         chunks = build_model_chunks(cfg, self.derived)
         self.num_params_local = count_parameters(chunks)
@@ -175,7 +176,8 @@ class Trainer:
                 "world_size": str(self.env.world_size),
                 "run_dir": str(self.run_dir.resolve()),  # how mod-mlflow-sync finds the run
             })
-            tracker.log_artifact(self.cfg.data.tokenizer_model)
+            if self.cfg.data.tokenizer_model:
+                tracker.log_artifact(self.cfg.data.tokenizer_model)
             resolved = self.run_dir / "resolved_config.yaml"
             from omegaconf import OmegaConf
 
@@ -225,16 +227,20 @@ class Trainer:
         cfg, d = self.cfg, self.derived
         tokens_per_step = d.global_batch_size * cfg.model.seq_length
         steps_this_run = 0
-        logged_at = 0  # steps_this_run at the last log line, for the time per step
-        t_last = time.time()
+        # Time spent in train steps since the last log line (evaluation and checkpoints excluded,
+        # so the per-step time and throughput describe training alone).
+        step_seconds, steps_timed = 0.0, 0
         while self.state.step < cfg.train.max_steps:
+            t_step = time.perf_counter()
             metrics = self.runner.train_step(self.train_batches)
+            step_seconds += time.perf_counter() - t_step
+            steps_timed += 1
             self.state.step += 1
             self.state.consumed_train_samples += d.global_batch_size
             steps_this_run += 1
             if self.state.step % cfg.train.log_interval == 0 or self.state.step == cfg.train.max_steps:
-                elapsed = (time.time() - t_last) / max(steps_this_run - logged_at, 1)
-                logged_at, t_last = steps_this_run, time.time()
+                elapsed = step_seconds / max(steps_timed, 1)
+                step_seconds, steps_timed = 0.0, 0
                 metrics.update(self._throughput(elapsed, tokens_per_step, self._measured_flops_per_token(metrics)))
                 self._log(self.state.step, metrics)
             if self.valid_dataset is not None and self.state.step % cfg.train.eval_interval == 0:
@@ -243,8 +249,8 @@ class Trainer:
             if self.stop_signals is not None:
                 self.stopped_by = self.stop_signals.agreed(self.env.device)
                 exiting = exiting or self.stopped_by is not None
-            if (self.state.step % cfg.checkpoint.save_interval == 0 or self.state.step == cfg.train.max_steps
-                    or exiting):
+            if cfg.checkpoint.save and (self.state.step % cfg.checkpoint.save_interval == 0
+                                        or self.state.step == cfg.train.max_steps or exiting):
                 # The run id is known late if the tracking server was down at start.
                 self.state.mlflow_run_id = self.tracker.run_id
                 path = self.checkpointer.save(self.engine, self.state, {"config": to_plain_dict(cfg)})
@@ -252,7 +258,8 @@ class Trainer:
                 self._log_routing_heatmap()
                 self._log_loss_plot(force=self.state.step == cfg.train.max_steps or exiting)
             if exiting and self.stopped_by is not None:
-                self._info(f"stopped by {self.stopped_by} at step {self.state.step} (checkpoint saved); "
+                saved = "checkpoint saved" if cfg.checkpoint.save else "NO checkpoint: checkpoint.save=false"
+                self._info(f"stopped by {self.stopped_by} at step {self.state.step} ({saved}); "
                            f"exit code {PREEMPTED_EXIT_CODE}, resume with checkpoint.resume=auto")
                 break
             if exiting:

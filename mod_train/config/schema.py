@@ -112,13 +112,17 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    tokenizer_model: str = MISSING
+    # Required unless ``mock``.
+    tokenizer_model: Optional[str] = MISSING
     # Indexed dataset prefixes (path without .bin/.idx) and optional blending weights.
     paths: List[str] = field(default_factory=list)
     weights: Optional[List[float]] = None
     split: str = "98,2,0"
     seed: int = 1234
     cache_dir: Optional[str] = None  # None: <run_dir>/data_cache
+    # Synthetic tokens from megatron-core's MockGPTDataset (Megatron-LM's --mock-data), for
+    # benchmarks and smoke tests: no tokenizer or data files; model.vocab_size sets the vocabulary.
+    mock: bool = False
 
 
 @dataclass
@@ -141,6 +145,8 @@ class TrainConfig:
 class CheckpointConfig:
     dir: Optional[str] = None  # None: <run_dir>/checkpoints
     save_interval: int = 50
+    # false: never write checkpoints (benchmarks); a stop signal then ends the run without one.
+    save: bool = True
     keep_last: int = 2
     resume: str = "auto"  # "auto" | "none" | a checkpoint directory
     # Start from these weights instead of the random init (ignored when resuming): a directory written

@@ -261,7 +261,15 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
 
     # ---- data and tokenizer
     vocab = m.vocab_size or 0
-    if check_files:
+    if cfg.data.mock:
+        _require(m.vocab_size is not None,
+                 "data.mock=true generates tokens without a tokenizer: set model.vocab_size (e.g. 32000).")
+        _require(not cfg.data.paths and cfg.data.tokenizer_model is None,
+                 "data.mock=true reads no files: use data=mock (no data.paths, data.tokenizer_model=null), "
+                 "or data.mock=false to train on data.paths.")
+    elif check_files:
+        _require(cfg.data.tokenizer_model is not None,
+                 "data.tokenizer_model is null: point it at a sentencepiece .model file (or use data=mock).")
         tok_vocab = tokenizer_vocab_size(cfg.data.tokenizer_model)
         if m.vocab_size is not None:
             _require(m.vocab_size == tok_vocab,

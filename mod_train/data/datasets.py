@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from mod_train.config.schema import Config
 from mod_train.config.validate import Derived
@@ -30,7 +30,9 @@ def build_datasets(cfg: Config, derived: Derived, tokenizer, run_dir: Path) -> D
     config = GPTDatasetConfig(
         random_seed=cfg.data.seed,
         sequence_length=cfg.model.seq_length,
-        blend=(list(cfg.data.paths), None if cfg.data.weights is None else list(cfg.data.weights)),
+        # No blend: megatron-core switches to its mock (synthetic) dataset.
+        blend=None if cfg.data.mock else (list(cfg.data.paths),
+                                          None if cfg.data.weights is None else list(cfg.data.weights)),
         split=cfg.data.split,
         path_to_cache=str(cache),
         tokenizer=tokenizer,
@@ -41,7 +43,7 @@ def build_datasets(cfg: Config, derived: Derived, tokenizer, run_dir: Path) -> D
         create_attention_mask=False,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, None], lambda: True, config
+        MockGPTDataset if cfg.data.mock else GPTDataset, [train_samples, valid_samples, None], lambda: True, config
     ).build()
     return Datasets(train=train, valid=valid)
 

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mod_train.config import ConfigError, validate
 from mod_train.config.load import compose, to_config
@@ -98,3 +99,26 @@ def test_train_cli_exits_with_config_error_before_process_group(tiny_data, tmp_p
     assert r.returncode == 2
     assert "configuration error" in r.stderr and "missing' has no .bin or .idx file" in r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_mock_data_needs_a_vocab_size_and_no_files():
+    d = validate(cfg_with("data=mock", "model.vocab_size=1000"), world_size=1, has_cuda=False)
+    assert (d.vocab_size, d.padded_vocab_size) == (1000, 1024)  # no tokenizer or data file was read
+    with pytest.raises(ConfigError, match="data.mock=true generates tokens without a tokenizer: set model.vocab_size"):
+        validate(cfg_with("data=mock"), world_size=1, has_cuda=False)
+    with pytest.raises(ConfigError, match="data.mock=true reads no files: use data=mock"):
+        validate(cfg_with("data.mock=true", "model.vocab_size=1000"), world_size=1, has_cuda=False)
+    with pytest.raises(ConfigError, match="data.tokenizer_model is null"):
+        validate(cfg_with("data.tokenizer_model=null"), world_size=1, has_cuda=False)
+
+
+@pytest.mark.parametrize("preset,params", [("gpt_125m", 134e6), ("gpt_350m", 369e6), ("gpt_1b", 0.94e9)])
+def test_gpu_presets_have_the_sizes_their_names_say(preset, params, megatron_tp1):
+    from mod_train.model.build import build_model_chunks, count_parameters
+
+    cfg = cfg_with(f"model={preset}", "data=mock", "model.vocab_size=32000")
+    d = validate(cfg, world_size=1, has_cuda=False)
+    assert cfg.model.seq_length == 2048
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        chunks = build_model_chunks(cfg, d)
+    assert count_parameters(chunks) == pytest.approx(params, rel=0.01)

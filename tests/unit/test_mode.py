@@ -163,12 +163,17 @@ def test_bad_moe_configs_are_rejected(overrides, world, needle):
 
 
 @pytest.mark.parametrize("preset,base", [("tiny_moe", "tiny"), ("tiny_mode_staged", "tiny_mod"),
-                                         ("tiny_mode_integrated", "tiny")])
+                                         ("tiny_mode_integrated", "tiny"), ("gpt_350m_moe", "gpt_350m"),
+                                         ("gpt_350m_mode_staged", "gpt_350m_mod"),
+                                         ("gpt_350m_mode_integrated", "gpt_350m")])
 def test_presets_match_their_dense_twin_in_active_mlp_parameters(preset, base):
     d, twin = check(f"model={preset}", world_size=1), check(f"model={base}", world_size=1)
     m = to_config(compose(["model.vocab_size=500", f"model={preset}"])).model
-    assert m.moe.top_k * m.moe.ffn_hidden_size == twin.ffn_hidden_size  # 2 x 96 == 192
-    assert d.moe_layers == [1, 3] and d.mod_layers == twin.mod_layers
+    b = to_config(compose(["model.vocab_size=500", f"model={base}"])).model
+    assert m.moe.top_k * m.moe.ffn_hidden_size == twin.ffn_hidden_size  # tiny: 2 x 96 == 192
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length) == \
+        (b.num_layers, b.hidden_size, b.num_attention_heads, b.seq_length)
+    assert d.moe_layers == list(range(1, m.num_layers, 2)) and d.mod_layers == twin.mod_layers
     if preset == "tiny_mode_staged":
         assert set(d.mod_layers) == set(d.moe_layers)
 
