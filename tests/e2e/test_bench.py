@@ -1,0 +1,60 @@
+"""The benchmarks under bench/ run end to end on CPU at tiny sizes (their GPU figures are measured
+on a GPU machine; here we check that the commands work and report what they claim to)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
+
+
+def test_throughput_bench_trains_each_preset_and_the_reference(tmp_path):
+    out = tmp_path / "throughput.json"
+    r = subprocess.run([sys.executable, "bench/throughput.py", "--scale", "tiny", "--models", "tiny", "tiny_mod",
+                        "--vocab", "512", "--steps", "3", "--warmup", "1", "--json", str(out)],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    res = summary["results"]
+    assert set(res) == {"tiny", "tiny_mod", "tiny (reference)"}
+    assert not [name for name, row in res.items() if "error" in row], res
+    for row in res.values():
+        assert row["ms"] > 0 and 0 < row["mfu"] < 1.5  # 1.5: the CPU's matmul peak is measured, noisy
+    assert res["tiny"]["x_dense"] == 1.0 and res["tiny_mod"]["x_dense"] > 0
+    # MoD counts only routed tokens (12.5% of layers 1 and 3) plus its routers.
+    assert res["tiny_mod"]["flops/token"] < 0.8 * res["tiny"]["flops/token"]
+    assert summary["tiny_ours_vs_reference"] > 0
+    assert "our step / reference step" in r.stdout
+
+
+def test_reference_gpt_has_the_shape_of_our_dense_model(megatron_tp1):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from reference_gpt import from_preset
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from mod_train.model.build import build_model_chunks, count_parameters
+
+    for preset in ("tiny", "gpt_350m"):
+        with torch.device("meta"):
+            reference, cfg, d = from_preset(preset, 32000)
+            ours = build_model_chunks(cfg, d)
+        assert sum(p.numel() for p in reference.parameters()) == count_parameters(ours), preset
+    with pytest.raises(SystemExit, match="not a dense model"):
+        from_preset("tiny_mod", 512)
+
+
+def test_mod_layer_bench_prints_a_ratio_per_capacity():
+    r = subprocess.run([sys.executable, "bench/mod_layer.py", "--hidden", "32", "--heads", "4", "--seq", "64",
+                        "--batch", "2", "--iters", "1", "--warmup", "1", "--rounds", "1"],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert {f"mod_{c}_ratio" for c in (1.0, 0.5, 0.25, 0.125)} <= set(result)
+    assert all(result[f"mod_{c}_ratio"] > 0 for c in (1.0, 0.5, 0.25, 0.125))
