@@ -58,3 +58,15 @@ def test_mod_layer_bench_prints_a_ratio_per_capacity():
     result = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert {f"mod_{c}_ratio" for c in (1.0, 0.5, 0.25, 0.125)} <= set(result)
     assert all(result[f"mod_{c}_ratio"] > 0 for c in (1.0, 0.5, 0.25, 0.125))
+
+
+def test_sampling_bench_reports_speed_and_routed_share():
+    r = subprocess.run([sys.executable, "bench/sampling.py", "--models", "tiny", "tiny_mod", "--vocab", "512",
+                        "--prompt-len", "4", "--new-tokens", "8", "--repeats", "1"],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    dense, mod = result["rows"]["dense"], result["rows"]["mod"]
+    assert dense["tokens"] == mod["tokens"] == 12 and dense["mod_routed_share"] == []
+    assert len(mod["mod_routed_share"]) == 2 and all(0 <= s <= 1 for s in mod["mod_routed_share"])
+    assert result["mod_over_dense"] > 0

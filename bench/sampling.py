@@ -1,0 +1,103 @@
+"""Sampling speed of the generation path (KV cache, causal MoD routing): a dense model against its
+MoD twin, side by side in one run.
+
+    python bench/sampling.py --models tiny tiny_mod                    # random init (CPU smoke run)
+    python bench/sampling.py --checkpoints runs/dense/checkpoints runs/mod/checkpoints   # trained
+
+Each model decodes --prompt-len prompt tokens then --new-tokens greedy tokens with
+``mod_train.generate.generate`` (the code behind ``mod-generate``), --repeats times; the median is
+reported as tokens/s (prompt + new tokens, all decoded one at a time through the cache), with
+the share of tokens each MoD layer's causal decision routed through its block. That share decides
+MoD's speed-up: a trained router routes about its capacity (12.5%); a random one about half the
+tokens, so random-init figures say little about MoD's gain. Target (issue 7): MoD >= 1.4x dense.
+
+Generation decodes one sequence at a time (batch 1): batched sampling is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def random_model(preset: str, vocab: int):
+    from mod_train.config.load import compose, to_config
+    from mod_train.config.validate import validate
+    from mod_train.model.build import build_model_chunks
+
+    cfg = to_config(compose([f"model={preset}", "data=mock", f"model.vocab_size={vocab}"]))
+    d = validate(cfg, world_size=1, check_files=False, has_cuda=torch.cuda.is_available())
+    torch.manual_seed(0)
+    return build_model_chunks(cfg, d)[0].eval(), cfg
+
+
+def time_generation(model, cfg, args) -> dict:
+    from mod_train.generate import generate
+
+    prompt = torch.randint(0, cfg.model.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
+    generate(model, cfg, prompt.tolist()[:4], 4, greedy=True)  # warm-up: rotary tables, kernels, allocator
+    times = []
+    for _ in range(args.repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        new, _ = generate(model, cfg, prompt.tolist(), args.new_tokens, greedy=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    seconds = sorted(times)[len(times) // 2]
+    decoder = generate.last_decoder
+    routed = [sum(d) / max(len(d), 1) for d in decoder.decisions if d is not None]
+    return {"tokens": args.prompt_len + len(new), "seconds": seconds,
+            "tokens_per_s": (args.prompt_len + len(new)) / seconds, "mod_routed_share": routed}
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs=2, default=["tiny", "tiny_mod"], metavar=("DENSE", "MOD"),
+                   help="conf/model presets, random init")
+    p.add_argument("--checkpoints", nargs=2, default=None, metavar=("DENSE", "MOD"),
+                   help="trained checkpoints instead (checkpoint roots or iter_* dirs)")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary of random-init models")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+
+    from mod_train.distributed.world_of_one import world_of_one
+    from mod_train.generate import load_for_generation
+
+    rows = {}
+    with world_of_one():
+        for i, kind in enumerate(("dense", "mod")):
+            if args.checkpoints:
+                model, cfg, _, iter_dir = load_for_generation(args.checkpoints[i])
+                name = f"{kind} ({iter_dir})"
+            else:
+                model, cfg = random_model(args.models[i], args.vocab)
+                name = f"{kind} ({args.models[i]}, random init)"
+            rows[kind] = {"name": name, **time_generation(model, cfg, args)}
+            del model
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    speedup = rows["mod"]["tokens_per_s"] / rows["dense"]["tokens_per_s"]
+    print(f"device: {device}  batch 1  prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, "
+          f"median of {args.repeats}")
+    for row in rows.values():
+        share = ", ".join(f"{s:.0%}" for s in row["mod_routed_share"]) or "-"
+        print(f"{row['name']:>56} {row['tokens_per_s']:10.1f} tokens/s   MoD layers routed: {share}")
+    print(f"MoD / dense sampling speed: {speedup:.3f}x  (target >= 1.4x with a trained router)")
+    summary = {"device": device, "args": vars(args), "rows": rows, "mod_over_dense": speedup}
+    print("RESULT " + json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
