@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import socket
 import sys
 import time
 from pathlib import Path
@@ -33,11 +31,9 @@ def setup(tp: int = 1):
         from mod_train.distributed.cpu_compat import apply_cpu_compat
 
         apply_cpu_compat()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    # One process: an in-memory store, no rendezvous port.
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
     ps.initialize_model_parallel(tp, 1, create_gloo_process_groups=False)
     model_parallel_cuda_manual_seed(0)
 

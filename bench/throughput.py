@@ -32,8 +32,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO, median, model_config, run_mod_train, train_flops_per_token
 
 SCALES = {
     # scale: (models, the dense twin each ratio is taken against, dense presets with a reference)
@@ -61,27 +60,17 @@ def measured_matmul_tflops(cuda: bool) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def median(values: List[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 def run_ours(model: str, seq_length: int, args, workdir: Path) -> Dict[str, float]:
     run_dir = workdir / model
-    launcher = [sys.executable, "-m", "mod_train.train"]
-    if args.nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                    "-m", "mod_train.train"]
-    cmd = launcher + [
-        f"model={model}", "data=mock", f"model.vocab_size={args.vocab}", f"train.run_dir={run_dir}",
+    overrides = [
+        f"model={model}", "data=mock", f"model.vocab_size={args.vocab}",
         f"train.max_steps={args.warmup + args.steps}", "train.log_interval=1", "train.eval_interval=1000000",
         "checkpoint.save=false", "tracking.enabled=false", f"parallel.micro_batch_size={args.micro_batch}",
         f"parallel.global_batch_size={args.micro_batch * args.grad_accum * args.nproc}", *args.overrides]
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if r.returncode != 0:
-        return {"error": f"exit {r.returncode}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}"}
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    code, last_error, rows = run_mod_train(overrides, run_dir, args.nproc)
+    if code != 0:
+        return {"error": f"exit {code}: {last_error}"}
     timed = [row for row in rows if "elapsed time per iteration (ms)" in row and row["step"] > args.warmup]
     if not timed:
         return {"error": f"no timed steps in {run_dir / 'metrics.jsonl'}"}
@@ -111,14 +100,8 @@ def run_reference(model: str, args) -> Dict[str, float]:
 
 def seq_and_flops_per_token(model: str, args) -> tuple:
     """(sequence length, training FLOPs per token) of a preset with the run's overrides."""
-    from mod_train.config.load import compose, to_config
-    from mod_train.config.validate import validate
-    from mod_train.model.flops import train_flops_per_token
-
-    cfg = to_config(compose([f"model={model}", "data=mock", f"model.vocab_size={args.vocab}", *args.overrides]))
-    d = validate(cfg, world_size=args.nproc, check_files=False, has_cuda=torch.cuda.is_available())
-    return cfg.model.seq_length, train_flops_per_token(cfg.model, d.ffn_hidden_size, d.padded_vocab_size,
-                                                       d.mod_layers, d.mod_capacities, d.moe_layers)
+    cfg, d = model_config(model, ["data=mock", f"model.vocab_size={args.vocab}", *args.overrides], args.nproc)
+    return cfg.model.seq_length, train_flops_per_token(cfg, d)
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

@@ -37,11 +37,13 @@ STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 class StopSignals:
     """SIGUSR1/SIGTERM (Slurm's pre-emption warning, a job's termination) become a flag; the loop
     stops at the end of the step with a checkpoint. The flag is all-reduced (MAX) every step, so all
-    ranks stop at the same step even if the signal reached only some of them."""
+    ranks stop at the same step even if the signal reached only some of them. Under NCCL the flag
+    travels over a gloo group on the host, so checking it never waits for the GPU."""
 
     def __init__(self) -> None:
         self.received: Optional[str] = None
         self._previous: dict = {}
+        self._group = None  # the host-side group for the flag (None: the default group is gloo)
 
     def install(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -59,14 +61,21 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def agreed(self, device) -> Optional[str]:
+    def attach_group(self) -> None:
+        """Once, on every rank, after the process group exists."""
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")
+
+    def agreed(self) -> Optional[str]:
         """The signal name if any rank got one (a collective: every rank calls it every step)."""
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32, device=device)
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)  # host memory
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         if not int(flag.item()):
             return None
         return self.received or "a signal on another rank"
@@ -232,13 +241,18 @@ class Trainer:
         step_seconds, steps_timed = 0.0, 0
         while self.state.step < cfg.train.max_steps:
             t_step = time.perf_counter()
-            metrics = self.runner.train_step(self.train_batches)
+            step = self.runner.train_step(self.train_batches)
             step_seconds += time.perf_counter() - t_step
             steps_timed += 1
             self.state.step += 1
             self.state.consumed_train_samples += d.global_batch_size
             steps_this_run += 1
             if self.state.step % cfg.train.log_interval == 0 or self.state.step == cfg.train.max_steps:
+                t_sync = time.perf_counter()
+                # The one host sync, on logged steps only: it also waits for the queued GPU work
+                # of the steps since the last log line, so its time counts as step time.
+                metrics = step.materialize()
+                step_seconds += time.perf_counter() - t_sync
                 elapsed = step_seconds / max(steps_timed, 1)
                 step_seconds, steps_timed = 0.0, 0
                 metrics.update(self._throughput(elapsed, tokens_per_step, self._measured_flops_per_token(metrics)))
@@ -247,7 +261,7 @@ class Trainer:
                 self._log(self.state.step, self.evaluate())
             exiting = cfg.train.exit_interval is not None and steps_this_run >= cfg.train.exit_interval
             if self.stop_signals is not None:
-                self.stopped_by = self.stop_signals.agreed(self.env.device)
+                self.stopped_by = self.stop_signals.agreed()
                 exiting = exiting or self.stopped_by is not None
             if cfg.checkpoint.save and (self.state.step % cfg.checkpoint.save_interval == 0
                                         or self.state.step == cfg.train.max_steps or exiting):
@@ -349,6 +363,7 @@ def run_until_stopped(cfg: Config, keep_process_group: bool = False):
     signals, _early_signals = (_early_signals or StopSignals().install()), None
     try:
         trainer = Trainer(cfg)
+        signals.attach_group()
         trainer.stop_signals = signals
         try:
             state = trainer.fit()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -31,12 +30,11 @@ def _init() -> tuple:
         apply_cpu_compat()
     made_pg = made_ps = False
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+            raise SingleProcessError("this command runs in a single process; do not launch it with torchrun")
+        # An in-memory store: a world of one needs no rendezvous, so no TCP port that another
+        # process could take between choosing and binding it.
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         made_pg = True
     if dist.get_world_size() != 1:
         raise SingleProcessError("this command runs in a single process; do not launch it with torchrun")

@@ -8,7 +8,7 @@ reduction, clipping and the optimizer update in ``engine.step()``.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,29 @@ def make_forward_step(aux: AuxLossRecorder) -> Callable:
     return forward_step
 
 
+class StepMetrics:
+    """What one step measured, kept on the device until ``materialize()``.
+
+    Reading a loss or a norm on the host waits for the GPU, so the trainer materialises only
+    the steps it logs. ``materialize()`` runs collectives (loss over pipeline stages and data
+    ranks, routing statistics over ranks): every rank must call it for the same steps, and
+    before the next step starts (the routing statistics belong to this step).
+    """
+
+    def __init__(self, runner: "StepRunner", losses: List[dict], extra: Optional[dict] = None):
+        self._runner = runner
+        self._losses = losses
+        self.extra = extra or {}  # python floats or 0-dim tensors, e.g. the grad norm
+        self._values: Optional[Dict[str, float]] = None
+
+    def materialize(self) -> Dict[str, float]:
+        if self._values is None:
+            values = self._runner._reduce_losses(self._losses)
+            values.update({k: float(v) for k, v in self.extra.items()})
+            self._values = values
+        return dict(self._values)
+
+
 class StepRunner:
     def __init__(self, engine, cfg, derived, aux: AuxLossRecorder):
         self.engine = engine
@@ -89,7 +112,7 @@ class StepRunner:
         self.forward_backward = get_forward_backward_func()
         self.forward_step = make_forward_step(aux)
 
-    def _run(self, data_iterator, forward_only: bool) -> Dict[str, float]:
+    def _run(self, data_iterator, forward_only: bool) -> StepMetrics:
         n_chunks = len(self.views)
         # The step's micro-batches, read once. With virtual pipeline stages megatron's interleaved
         # schedule calls forward_step once per (chunk, micro-batch), each chunk reading its own
@@ -109,7 +132,7 @@ class StepRunner:
             micro_batch_size=self.cfg.parallel.micro_batch_size,
             forward_only=forward_only,
         )
-        return self._reduce_losses(losses)
+        return StepMetrics(self, losses)
 
     def _reduce_losses(self, losses: List[dict]) -> Dict[str, float]:
         """Mean lm loss over micro-batches and data-parallel ranks, known on every rank.
@@ -117,9 +140,9 @@ class StepRunner:
         Only the last pipeline stage computes the loss; it is broadcast over the pipeline group.
         Per-layer routing statistics (this rank's micro-batches) are gathered over the stages.
         """
-        value = torch.zeros(1, dtype=torch.float64)
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            value[0] = sum(float(d["lm loss"]) for d in losses) / max(len(losses), 1)
+        value = torch.zeros(1, dtype=torch.float64, device=self.engine.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
+            value[0] = torch.stack([d["lm loss"].reshape(()) for d in losses]).double().mean()
         if ps.get_pipeline_model_parallel_world_size() > 1:
             last = ps.get_pipeline_model_parallel_last_rank()
             dist.broadcast(value, src=last, group=ps.get_pipeline_model_parallel_group())
@@ -162,20 +185,20 @@ class StepRunner:
             return None
         return chunk.shared_embedding_or_output_weight()
 
-    def train_step(self, data_iterator) -> Dict[str, float]:
+    def train_step(self, data_iterator) -> StepMetrics:
         for v in self.views:
             v.train()
         metrics = self._run(data_iterator, forward_only=False)
         self._sync_tied_embedding_grads()
-        metrics["learning rate"] = float(self.engine.get_lr()[0])  # the LR this update uses
+        metrics.extra["learning rate"] = self.engine.get_lr()[0]  # the LR this update uses
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()  # None under ZeRO stage 0 (DeepSpeed keeps it internal)
         if grad_norm is not None:
-            metrics["grad norm"] = float(grad_norm)
+            metrics.extra["grad norm"] = grad_norm
         return metrics
 
     @torch.no_grad()
     def eval_step(self, data_iterator) -> Dict[str, float]:
         for v in self.views:
             v.eval()
-        return self._run(data_iterator, forward_only=True)
+        return self._run(data_iterator, forward_only=True).materialize()

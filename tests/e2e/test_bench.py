@@ -70,3 +70,25 @@ def test_sampling_bench_reports_speed_and_routed_share():
     assert dense["tokens"] == mod["tokens"] == 12 and dense["mod_routed_share"] == []
     assert len(mod["mod_routed_share"]) == 2 and all(0 <= s <= 1 for s in mod["mod_routed_share"])
     assert result["mod_over_dense"] > 0
+
+
+def test_isoflop_bench_spends_the_same_budget_on_each_model(tiny_data, tmp_path):
+    out = tmp_path / "isoflop.json"
+    budget = 2e10
+    r = subprocess.run([sys.executable, "bench/isoflop.py", "--budget", str(budget), "--dense", "tiny",
+                        "--only", "dense,mod_matched", "--eval-iters", "2", "--json", str(out),
+                        f"data.tokenizer_model={tiny_data['tokenizer']}", f"data.paths=[{tiny_data['prefix']}]"],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense", "mod_matched"}
+    for row in rows.values():
+        step_flops = row["flops"] / row["steps"]
+        assert budget - step_flops < row["flops"] <= budget  # as many whole steps as the budget buys
+        assert 0 < row["valid_loss"] < 10 and row["train_loss"] is not None
+    # The FLOP-matched MoD model is deeper (MoD layers are cheap) and within a layer's FLOPs of dense.
+    dense, matched = rows["dense"], rows["mod_matched"]
+    assert matched["layers"] > dense["layers"]
+    assert abs(matched["forward_flops_per_token"] - dense["forward_flops_per_token"]) < \
+        0.25 * dense["forward_flops_per_token"]
+    assert "valid loss" in r.stdout
