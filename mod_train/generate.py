@@ -79,53 +79,76 @@ def _check_generatable(model) -> None:
 
 
 class _LayerCache:
-    """K/V of the tokens one layer has processed, [n, 1, groups, head_dim], grown by doubling."""
+    """K/V of the tokens one layer has processed, per sequence of the batch.
 
-    def __init__(self) -> None:
+    Storage [batch, capacity, groups, head_dim], grown by doubling. Sequences fill at their own
+    pace (a MoD layer caches only the tokens it routed), so each has its own length; attention
+    masks the unused tail of the shorter ones.
+    """
+
+    def __init__(self, batch: int) -> None:
         self.k: Optional[torch.Tensor] = None
         self.v: Optional[torch.Tensor] = None
-        self.n = 0
-        self.positions: List[int] = []
+        self.lengths = torch.zeros(batch, dtype=torch.long)
+        self.positions: List[List[int]] = [[] for _ in range(batch)]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None or self.n == self.k.size(0):
-            cap = max(16, 2 * self.n)
-            new_k = k.new_empty((cap,) + tuple(k.shape[1:]))
-            new_v = v.new_empty((cap,) + tuple(v.shape[1:]))
-            if self.n:
-                new_k[: self.n] = self.k[: self.n]
-                new_v[: self.n] = self.v[: self.n]
+    def append(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, pos: int):
+        """Add one token's k/v [1, n, g, d] for the sequences ``rows`` [n]; return their keys and
+        values [n, L, g, d] and, if their lengths differ, a mask [n, L] of the valid entries."""
+        need = int(self.lengths[rows].max()) + 1
+        if self.k is None or need > self.k.size(1):
+            cap = max(16, 2 * need)
+            shape = (self.lengths.numel(), cap) + tuple(k.shape[2:])
+            new_k, new_v = k.new_zeros(shape), v.new_zeros(shape)
+            if self.k is not None:
+                new_k[:, : self.k.size(1)] = self.k
+                new_v[:, : self.v.size(1)] = self.v
             self.k, self.v = new_k, new_v
-        self.k[self.n: self.n + 1] = k
-        self.v[self.n: self.n + 1] = v
-        self.n += 1
-        self.positions.append(pos)
-        return self.k[: self.n], self.v[: self.n]
+        rows_dev = rows.to(self.k.device)
+        at = self.lengths[rows].to(self.k.device)
+        self.k[rows_dev, at] = k[0]
+        self.v[rows_dev, at] = v[0]
+        self.lengths[rows] += 1
+        for r in rows.tolist():
+            self.positions[r].append(pos)
+        lengths = self.lengths[rows]
+        longest = int(lengths.max())
+        keys, values = self.k[rows_dev, :longest], self.v[rows_dev, :longest]
+        if bool((lengths == longest).all()):
+            return keys, values, None
+        mask = torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)
+        return keys, values, mask.to(self.k.device)
 
-    def __len__(self) -> int:
-        return self.n
+    def size(self, seq: int = 0) -> int:
+        return int(self.lengths[seq])
 
 
 # ----------------------------------------------------------------------------- the KV-cache decoder
 class KVCacheDecoder:
-    """Token-by-token inference over a megatron GPTModel (TP=PP=1, batch 1) with per-layer KV caches.
+    """Token-by-token inference over a megatron GPTModel (TP=PP=1) with per-layer KV caches, for a
+    batch of sequences that advance together (one position per step, the same for all).
 
-    ``step(token)`` consumes the next token (at absolute position ``self.pos``) and returns the
-    logits [padded_vocab] predicting the token after it.
+    ``step(tokens)`` consumes the next token of each sequence (at absolute position ``self.pos``)
+    and returns the logits [batch, padded_vocab] predicting the token after it; given one int
+    (batch 1) it returns [padded_vocab]. In a MoD layer each sequence's token is routed by its own
+    causal decision: the routed ones run the block together, the others pass through.
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, batch_size: int = 1) -> None:
         self.model = _unwrap(model)
         _check_generatable(self.model)
         self.config = self.model.config
+        self.batch_size = batch_size
         self.layers = list(self.model.decoder.layers)
-        self.caches = [_LayerCache() for _ in self.layers]
+        self.caches = [_LayerCache(batch_size) for _ in self.layers]
         mod_cls = _mod_layer_class()
         self.is_mod = [isinstance(layer, mod_cls) for layer in self.layers]
-        # decisions[i]: one bool per consumed token for MoD layer i (None for dense layers).
-        self.decisions: List[Optional[List[bool]]] = [[] if m else None for m in self.is_mod]
+        # decisions[i][b]: one bool per consumed token of sequence b for MoD layer i (None: dense layer).
+        self.decisions: List[Optional[List[List[bool]]]] = [
+            [[] for _ in range(batch_size)] if m else None for m in self.is_mod]
         self.pos = 0
         self.device = next(self.model.parameters()).device
+        self._all_rows = torch.arange(batch_size)
         self._rope: Optional[torch.Tensor] = None
         self.model.eval()
 
@@ -139,20 +162,22 @@ class KVCacheDecoder:
             self._rope = self.model.rotary_pos_emb(length)  # [length, 1, 1, d], positions 0..length-1
         return self._rope[pos: pos + 1]
 
-    def _attention(self, layer, cache: _LayerCache, hidden: torch.Tensor, pos: int):
-        """Self-attention of one new token over this layer's cache (which then holds it too)."""
+    def _attention(self, layer, cache: _LayerCache, hidden: torch.Tensor, rows: torch.Tensor, pos: int):
+        """Self-attention of one new token per sequence in ``rows`` over that sequence's cache
+        (which then holds it too). hidden [1, n, h]."""
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
         attn = layer.self_attention
-        query, key, value = attn.get_query_key_value_tensors(hidden, None)  # [1,1,np,hn], [1,1,ng,hn] x2
+        query, key, value = attn.get_query_key_value_tensors(hidden, None)  # [1,n,np,hn], [1,n,ng,hn] x2
         rope = self._rope_at(pos)
         no_rope = self.config.no_rope_freq[layer.layer_number - 1] if getattr(self.config, "no_rope_freq", None) else False
         if rope is not None and not no_rope:
             cp_group = getattr(getattr(attn, "pg_collection", None), "cp", None)
             query = apply_rotary_pos_emb(query, rope, config=attn.config, cp_group=cp_group)
             key = apply_rotary_pos_emb(key, rope, config=attn.config, cp_group=cp_group)
-        keys, values = cache.append(key, value, pos)  # [n, 1, ng, hn]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, keys, values))  # [b, heads, s, hn]
+        keys, values, valid = cache.append(key, value, rows, pos)  # [n, L, ng, hn]
+        q = query.permute(1, 2, 0, 3)  # [n, heads, 1, hn]
+        k, v = keys.transpose(1, 2), values.transpose(1, 2)  # [n, groups, L, hn]
         if q.size(1) != k.size(1):
             rep = q.size(1) // k.size(1)
             k = k.repeat_interleave(rep, dim=1)
@@ -160,53 +185,64 @@ class KVCacheDecoder:
         scale = getattr(attn.core_attention, "softmax_scale", None) or self.config.softmax_scale
         if scale is None:
             scale = q.size(-1) ** -0.5
-        # One query over all cached (= earlier routed + own) keys: no mask needed.
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        out = out.permute(2, 0, 1, 3).reshape(1, q.size(0), -1)  # [1, b, np*hn]
+        # One query over all cached (= earlier routed + own) keys: only padding is masked.
+        mask = None if valid is None else valid[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = out.permute(2, 0, 1, 3).reshape(1, q.size(0), -1)  # [1, n, np*hn]
         return attn.linear_proj(out)  # (output, bias)
 
-    def _block(self, i: int, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """megatron's TransformerLayer on one token [1, 1, h] with layer i's KV cache."""
+    def _block(self, i: int, x: torch.Tensor, rows: torch.Tensor, pos: int) -> torch.Tensor:
+        """megatron's TransformerLayer on one token per sequence [1, n, h] with layer i's KV cache."""
         layer = self.layers[i]
         residual = x
         hidden = layer.input_layernorm(x)
-        attn_out = self._attention(layer, self.caches[i], hidden, pos)
+        attn_out = self._attention(layer, self.caches[i], hidden, rows, pos)
         x = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(attn_out, residual, layer.hidden_dropout)
         return layer._forward_mlp(x)  # pre_mlp_layernorm -> mlp (or MoE) -> bias-dropout-add
 
     def _mod_layer(self, i: int, x: torch.Tensor, pos: int) -> torch.Tensor:
         layer = self.layers[i]
-        router_logits = layer.router.scores(x)  # [1, 1]
-        routed = bool((layer.router.causal_logits(x, router_logits) > 0).item())
-        self.decisions[i].append(routed)
-        if not routed:
+        router_logits = layer.router.scores(x)  # [b, 1]
+        routed = (layer.router.causal_logits(x, router_logits) > 0)[:, 0].cpu()  # [b]
+        for b, decision in enumerate(routed.tolist()):
+            self.decisions[i][b].append(decision)
+        rows = routed.nonzero().squeeze(-1)
+        if rows.numel() == 0:
             return x  # around the layer: nothing enters its cache
-        block_out = self._block(i, x, pos)
-        idx = torch.zeros(1, 1, dtype=torch.long, device=x.device)
-        return layer._combine(x, idx, x, block_out, router_logits)
+        rows_dev = rows.to(x.device)
+        selected = x[:, rows_dev]
+        block_out = self._block(i, selected, rows, pos)
+        idx = torch.zeros(rows.numel(), 1, dtype=torch.long, device=x.device)
+        out = layer._combine(selected, idx, selected, block_out, router_logits[rows_dev])
+        return x.index_copy(1, rows_dev, out)
 
     # -------------------------------------------------------------- public
     @torch.no_grad()
-    def step(self, token: int) -> torch.Tensor:
+    def step(self, tokens) -> torch.Tensor:
+        single = isinstance(tokens, int)
+        ids = [int(tokens)] if single else [int(t) for t in tokens]
+        if len(ids) != self.batch_size:
+            raise GenerateError(f"step() got {len(ids)} tokens for a batch of {self.batch_size}")
         model, pos = self.model, self.pos
         if model.position_embedding_type != "rope" and pos >= model.max_sequence_length:
             raise GenerateError(f"position {pos} is beyond the learned position embeddings "
                                 f"(model.seq_length={model.max_sequence_length})")
-        ids = torch.tensor([[int(token)]], dtype=torch.long, device=self.device)
-        x = model.embedding(input_ids=ids, position_ids=torch.tensor([[pos]], device=self.device))  # [1, 1, h]
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(1)  # [b, 1]
+        positions = torch.full_like(ids_t, pos)
+        x = model.embedding(input_ids=ids_t, position_ids=positions)  # [1, b, h]
         for i in range(len(self.layers)):
-            x = self._mod_layer(i, x, pos) if self.is_mod[i] else self._block(i, x, pos)
+            x = self._mod_layer(i, x, pos) if self.is_mod[i] else self._block(i, x, self._all_rows, pos)
         final_norm = getattr(model.decoder, "final_layernorm", None)
         if final_norm is not None:
             x = final_norm(x)
         weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-        logits, _ = model.output_layer(x, weight=weight)
+        logits, _ = model.output_layer(x, weight=weight)  # [1, b, V]
         self.pos += 1
-        return logits[0, 0].float()
+        return logits[0, 0].float() if single else logits[0].float()
 
-    def cache_sizes(self) -> List[int]:
-        """Number of K/V entries held by each layer's cache."""
-        return [len(c) for c in self.caches]
+    def cache_sizes(self, seq: int = 0) -> List[int]:
+        """Number of K/V entries each layer's cache holds for sequence ``seq``."""
+        return [c.size(seq) for c in self.caches]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -252,38 +288,62 @@ def generate(model_chunk, cfg, prompt_ids: Sequence[int], max_new_tokens: int, g
     (position ``len(prompt_ids) - 1 + i`` of the sequence). Padded vocabulary entries beyond
     ``vocab_size`` (default ``cfg.model.vocab_size``) are never sampled.
     """
-    if not prompt_ids:
+    new, per_step = generate_batch(model_chunk, cfg, [prompt_ids], max_new_tokens, greedy, temperature, top_p,
+                                   seed, eod=eod, vocab_size=vocab_size)
+    generate.last_decoder = generate_batch.last_decoder
+    return new[0], per_step[0]
+
+
+def generate_batch(model_chunk, cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int, greedy: bool = True,
+                   temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, *, eod: Optional[int] = None,
+                   vocab_size: Optional[int] = None) -> Tuple[List[List[int]], List[torch.Tensor]]:
+    """``generate`` for several prompts of the same length at once: one decoder step serves the
+    whole batch. Each sequence stops at its own ``eod``; the batch runs until all have stopped.
+
+    Returns the new tokens of each prompt and, per prompt, the [n_i, padded_vocab] logits they were
+    drawn from. Sampling draws the rows of a step in order from one generator seeded by ``seed``.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerateError("the prompt is empty: give at least one token")
+    if len({len(p) for p in prompts}) != 1:
+        raise GenerateError(f"batched generation needs prompts of one length (the sequences share "
+                            f"positions), got lengths {sorted({len(p) for p in prompts})}")
     if not 0.0 < top_p <= 1.0:
         raise GenerateError(f"top_p must be in (0, 1], got {top_p}")
     model = _unwrap(model_chunk)
     was_training = model.training
-    decoder = KVCacheDecoder(model)  # puts the model in eval mode (no dropout)
+    batch = len(prompts)
+    decoder = KVCacheDecoder(model, batch_size=batch)  # puts the model in eval mode (no dropout)
     generator = torch.Generator().manual_seed(int(seed))
-    new_ids: List[int] = []
-    steps: List[torch.Tensor] = []
+    new_ids: List[List[int]] = [[] for _ in range(batch)]
+    steps: List[List[torch.Tensor]] = [[] for _ in range(batch)]
+    running = list(range(batch))
     try:
         logits = None
-        for tok in prompt_ids:
-            logits = decoder.step(tok)
-        limit = _vocab_limit(cfg, vocab_size, logits.numel())
-        for _ in range(max_new_tokens):
-            steps.append(logits)
-            masked = logits.clone()
-            masked[limit:] = float("-inf")
-            tok = sample_token(masked, greedy, temperature, top_p, generator)
-            new_ids.append(tok)
-            if eod is not None and tok == eod:
+        for column in zip(*prompts):
+            logits = decoder.step(list(column))  # [b, V]
+        limit = _vocab_limit(cfg, vocab_size, logits.size(-1))
+        for n in range(max_new_tokens):
+            next_tokens = [eod if eod is not None else 0] * batch  # stopped sequences feed a filler
+            for b in running:
+                steps[b].append(logits[b])
+                masked = logits[b].clone()
+                masked[limit:] = float("-inf")
+                next_tokens[b] = sample_token(masked, greedy, temperature, top_p, generator)
+                new_ids[b].append(next_tokens[b])
+            running = [b for b in running if eod is None or next_tokens[b] != eod]
+            if not running or n + 1 == max_new_tokens:
                 break
-            if len(new_ids) < max_new_tokens:
-                logits = decoder.step(tok)
+            logits = decoder.step(next_tokens)
     finally:
         model.train(was_training)
-    per_step = torch.stack(steps) if steps else torch.empty(0, logits.numel())
-    generate.last_decoder = decoder  # for inspection (cache sizes, routing decisions)
+    width = logits.size(-1)
+    per_step = [torch.stack(s) if s else torch.empty(0, width) for s in steps]
+    generate_batch.last_decoder = decoder  # for inspection (cache sizes, routing decisions)
     return new_ids, per_step
 
 
+generate_batch.last_decoder = None
 generate.last_decoder = None
 
 

@@ -6,9 +6,11 @@ import torch
 from mod_train.config.load import compose, to_config, to_plain_dict
 from mod_train.config.validate import validate
 from mod_train.generate import (
+    GenerateError,
     KVCacheDecoder,
     full_forward_logits,
     generate,
+    generate_batch,
     main,
     nucleus_mask,
     sample_token,
@@ -141,8 +143,8 @@ def test_mod_kv_cache_matches_causal_full_forward(megatron_tp1, causal):
     for i, layer in enumerate(model.decoder.layers):
         if i in decisions:
             routed = decisions[i].nonzero().squeeze(-1).tolist()
-            assert dec.decisions[i] == decisions[i].tolist()
-            assert dec.caches[i].positions == routed  # exactly the routed tokens, in order
+            assert dec.decisions[i][0] == decisions[i].tolist()
+            assert dec.caches[i].positions[0] == routed  # exactly the routed tokens, in order
             assert sizes[i] == len(routed)
             assert 0 < sizes[i] < len(ids), (i, sizes[i])
         else:
@@ -156,6 +158,40 @@ def test_mod_kv_cache_matches_causal_full_forward(megatron_tp1, causal):
     final = generate.last_decoder
     assert final.pos == len(prompt) + len(new) - 1  # the last sampled token is never fed back
     assert all(0 < final.cache_sizes()[i] < final.pos for i in decisions)
+
+
+@pytest.mark.parametrize("preset", ["tiny_mod", "tiny_mode_staged"])
+def test_batched_generation_equals_one_prompt_at_a_time(megatron_tp1, preset):
+    """A batch decodes like its prompts one by one, though each sequence's MoD layers route
+    different tokens (their caches fill at different rates; attention masks the shorter ones)."""
+    model, cfg = build(f"model={preset}", "model.num_query_groups=2")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, V, (6,), generator=gen).tolist() for _ in range(4)]
+    sharpen_routers(model, sum(prompts, []))
+    new, per_step = generate_batch(model, cfg, prompts, 12, greedy=True)
+    dec = generate_batch.last_decoder
+    mod = [i for i, _ in mod_layers(model)]
+    sizes = [dec.cache_sizes(b) for b in range(4)]
+    assert len({tuple(s[i] for i in mod) for s in sizes}) > 1  # the sequences were routed differently
+    for b, prompt in enumerate(prompts):
+        one, one_logits = generate(model, cfg, prompt, 12, greedy=True)
+        assert new[b] == one
+        torch.testing.assert_close(per_step[b], one_logits, atol=ATOL, rtol=0)
+        assert sizes[b] == generate.last_decoder.cache_sizes()
+        assert [dec.decisions[i][b] for i in mod] == [generate.last_decoder.decisions[i][0] for i in mod]
+
+
+def test_batched_generation_stops_each_sequence_at_its_eod(megatron_tp1):
+    model, cfg = build("model=tiny")
+    prompts = [[5, 6, 7], [9, 10, 11]]
+    greedy, _ = generate_batch(model, cfg, prompts, 8, greedy=True)
+    eod = greedy[0][2]  # sequence 0 samples it as its 3rd token
+    stopped, logits = generate_batch(model, cfg, prompts, 8, greedy=True, eod=eod)
+    assert stopped[0] == greedy[0][:3] and logits[0].size(0) == 3
+    cut = greedy[1].index(eod) + 1 if eod in greedy[1] else 8
+    assert stopped[1] == greedy[1][:cut]
+    with pytest.raises(GenerateError, match="prompts of one length"):
+        generate_batch(model, cfg, [[1, 2], [3]], 4)
 
 
 def test_nucleus_and_sampling_by_seed(megatron_tp1):
