@@ -11,7 +11,8 @@ the share of tokens each MoD layer's causal decision routed through its block. T
 MoD's speed-up: a trained router routes about its capacity (12.5%); a random one about half the
 tokens, so random-init figures say little about MoD's gain. Target (issue 7): MoD >= 1.4x dense.
 
-Generation decodes one sequence at a time (batch 1): batched sampling is not implemented yet.
+--batch 1 32 (the default) measures both batch sizes: a batch decodes its prompts together
+(``generate_batch``), each sequence routed by its own decisions.
 """
 
 from __future__ import annotations
@@ -39,25 +40,28 @@ def random_model(preset: str, vocab: int):
     return build_model_chunks(cfg, d)[0].eval(), cfg
 
 
-def time_generation(model, cfg, args) -> dict:
-    from mod_train.generate import generate
+def time_generation(model, cfg, args, batch: int) -> dict:
+    from mod_train.generate import generate_batch
 
-    prompt = torch.randint(0, cfg.model.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
-    generate(model, cfg, prompt.tolist()[:4], 4, greedy=True)  # warm-up: rotary tables, kernels, allocator
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.model.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
+    generate_batch(model, cfg, [p[:4] for p in prompts], 4, greedy=True)  # warm-up: rope tables, kernels
     times = []
     for _ in range(args.repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        new, _ = generate(model, cfg, prompt.tolist(), args.new_tokens, greedy=True)
+        new, _ = generate_batch(model, cfg, prompts, args.new_tokens, greedy=True)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     seconds = sorted(times)[len(times) // 2]
-    decoder = generate.last_decoder
-    routed = [sum(d) / max(len(d), 1) for d in decoder.decisions if d is not None]
-    return {"tokens": args.prompt_len + len(new), "seconds": seconds,
-            "tokens_per_s": (args.prompt_len + len(new)) / seconds, "mod_routed_share": routed}
+    decoder = generate_batch.last_decoder
+    # Per MoD layer: routed share over all sequences' tokens.
+    routed = [sum(map(sum, d)) / max(sum(map(len, d)), 1) for d in decoder.decisions if d is not None]
+    tokens = batch * args.prompt_len + sum(map(len, new))
+    return {"batch": batch, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "mod_routed_share": routed}
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -70,6 +74,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes to measure")
     args = p.parse_args(argv)
 
     from mod_train.distributed.world_of_one import world_of_one
@@ -84,17 +89,21 @@ def main(argv: Optional[List[str]] = None) -> dict:
             else:
                 model, cfg = random_model(args.models[i], args.vocab)
                 name = f"{kind} ({args.models[i]}, random init)"
-            rows[kind] = {"name": name, **time_generation(model, cfg, args)}
+            for batch in args.batch:
+                rows[f"{kind} b{batch}"] = {"name": name, **time_generation(model, cfg, args, batch)}
             del model
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    speedup = rows["mod"]["tokens_per_s"] / rows["dense"]["tokens_per_s"]
-    print(f"device: {device}  batch 1  prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, "
+    print(f"device: {device}  prompt {args.prompt_len} + {args.new_tokens} new tokens per sequence, greedy, "
           f"median of {args.repeats}")
     for row in rows.values():
         share = ", ".join(f"{s:.0%}" for s in row["mod_routed_share"]) or "-"
-        print(f"{row['name']:>56} {row['tokens_per_s']:10.1f} tokens/s   MoD layers routed: {share}")
-    print(f"MoD / dense sampling speed: {speedup:.3f}x  (target >= 1.4x with a trained router)")
-    summary = {"device": device, "args": vars(args), "rows": rows, "mod_over_dense": speedup}
+        print(f"{row['name']:>56} batch {row['batch']:>3} {row['tokens_per_s']:10.1f} tokens/s   "
+              f"MoD layers routed: {share}")
+    speedup = {b: rows[f"mod b{b}"]["tokens_per_s"] / rows[f"dense b{b}"]["tokens_per_s"] for b in args.batch}
+    for b, x in speedup.items():
+        print(f"batch {b}: MoD / dense sampling speed: {x:.3f}x  (target >= 1.4x with a trained router)")
+    summary = {"device": device, "args": vars(args), "rows": rows,
+               "mod_over_dense": {str(b): x for b, x in speedup.items()}}
     print("RESULT " + json.dumps(summary))
     return summary
 

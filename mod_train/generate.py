@@ -20,7 +20,8 @@ The decoder below runs over the weights of the megatron-core modules themselves 
 layer's ``input_layernorm``, ``self_attention.get_query_key_value_tensors`` (megatron's grouped QKV
 layout), ``linear_proj``, the layer's bias-dropout-add and ``_forward_mlp``, the final layernorm and
 ``output_layer``); only the attention over the KV cache is written here. Prompts are prefilled token
-by token, batch size 1.
+by token. ``generate_batch`` decodes several prompts of one length together: in a MoD layer the
+sequences whose token is routed run the block as one batch, each over its own cache.
 
 Checkpoints: ``<root>/iter_XXXXXXX/`` with ``complete.json`` (the resolved config under
 ``"config"``) and DeepSpeed's ``state/`` directory. Only layouts with tensor- and pipeline-parallel
@@ -325,11 +326,13 @@ def generate_batch(model_chunk, cfg, prompts: Sequence[Sequence[int]], max_new_t
         limit = _vocab_limit(cfg, vocab_size, logits.size(-1))
         for n in range(max_new_tokens):
             next_tokens = [eod if eod is not None else 0] * batch  # stopped sequences feed a filler
+            masked = logits.clone()
+            masked[:, limit:] = float("-inf")
+            argmax = masked.argmax(dim=-1).tolist() if greedy or temperature <= 0 else None  # one sync
             for b in running:
                 steps[b].append(logits[b])
-                masked = logits[b].clone()
-                masked[limit:] = float("-inf")
-                next_tokens[b] = sample_token(masked, greedy, temperature, top_p, generator)
+                next_tokens[b] = argmax[b] if argmax is not None else \
+                    sample_token(masked[b], greedy, temperature, top_p, generator)
                 new_ids[b].append(next_tokens[b])
             running = [b for b in running if eod is None or next_tokens[b] != eod]
             if not running or n + 1 == max_new_tokens:

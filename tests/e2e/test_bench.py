@@ -62,14 +62,18 @@ def test_mod_layer_bench_prints_a_ratio_per_capacity():
 
 def test_sampling_bench_reports_speed_and_routed_share():
     r = subprocess.run([sys.executable, "bench/sampling.py", "--models", "tiny", "tiny_mod", "--vocab", "512",
-                        "--prompt-len", "4", "--new-tokens", "8", "--repeats", "1"],
+                        "--prompt-len", "4", "--new-tokens", "8", "--repeats", "1", "--batch", "1", "3"],
                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    dense, mod = result["rows"]["dense"], result["rows"]["mod"]
-    assert dense["tokens"] == mod["tokens"] == 12 and dense["mod_routed_share"] == []
-    assert len(mod["mod_routed_share"]) == 2 and all(0 <= s <= 1 for s in mod["mod_routed_share"])
-    assert result["mod_over_dense"] > 0
+    rows = result["rows"]
+    assert rows["dense b1"]["tokens"] == rows["mod b1"]["tokens"] == 12
+    assert rows["dense b3"]["tokens"] == rows["mod b3"]["tokens"] == 36
+    for batch in (1, 3):
+        mod = rows[f"mod b{batch}"]
+        assert rows[f"dense b{batch}"]["mod_routed_share"] == []
+        assert len(mod["mod_routed_share"]) == 2 and all(0 <= s <= 1 for s in mod["mod_routed_share"])
+        assert result["mod_over_dense"][str(batch)] > 0
 
 
 def test_isoflop_bench_spends_the_same_budget_on_each_model(tiny_data, tmp_path):
