@@ -562,7 +562,9 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint root (runs/<run>/checkpoints) or an iter_* dir")
     p.add_argument("--iter", default="latest", help="step to load, or 'latest' (default)")
-    p.add_argument("--prompt", default="", help="prompt text (empty: start from the end-of-document token)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (empty: start from the end-of-document token); repeat for several "
+                        "prompts: those of one token length are decoded together as a batch")
     p.add_argument("--max-new-tokens", type=int, default=50)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="argmax decoding")
@@ -576,21 +578,30 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args) -> None:
     model, cfg, tokenizer, _ = load_for_generation(args.checkpoint, args.iter, args.tokenizer)
-    prompt_ids = list(tokenizer.tokenize(args.prompt)) if args.prompt else []
-    if not prompt_ids:
-        prompt_ids = [tokenizer.eod]
-    new_ids, _ = generate(model, cfg, prompt_ids, args.max_new_tokens, greedy=args.greedy,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                          eod=tokenizer.eod, vocab_size=cfg.model.vocab_size)
-    shown = new_ids[:-1] if new_ids and new_ids[-1] == tokenizer.eod else new_ids
-    # Detokenize prompt and continuation together so word boundaries come out right.
-    text_ids = shown if prompt_ids == [tokenizer.eod] else prompt_ids + shown
-    print(tokenizer.detokenize(text_ids))
-    if args.show_routing:
-        dec = generate.last_decoder
-        for i, (layer, n) in enumerate(zip(dec.layers, dec.cache_sizes())):
-            if dec.is_mod[i]:
-                print(f"[layer {layer.layer_number}: {n}/{dec.pos} tokens routed]", file=sys.stderr)
+    texts = args.prompt or [""]
+    prompts = [list(tokenizer.tokenize(t)) if t else [] for t in texts]
+    prompts = [p or [tokenizer.eod] for p in prompts]
+    by_length: dict = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    outputs: List[str] = [""] * len(prompts)
+    for group in by_length.values():
+        news, _ = generate_batch(model, cfg, [prompts[i] for i in group], args.max_new_tokens, greedy=args.greedy,
+                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                 eod=tokenizer.eod, vocab_size=cfg.model.vocab_size)
+        for i, new_ids in zip(group, news):
+            shown = new_ids[:-1] if new_ids and new_ids[-1] == tokenizer.eod else new_ids
+            # Detokenize prompt and continuation together so word boundaries come out right.
+            text_ids = shown if prompts[i] == [tokenizer.eod] else prompts[i] + shown
+            outputs[i] = tokenizer.detokenize(text_ids)
+        if args.show_routing:
+            dec = generate_batch.last_decoder
+            for row, i in enumerate(group):
+                for n, (layer, size) in enumerate(zip(dec.layers, dec.cache_sizes(row))):
+                    if dec.is_mod[n]:
+                        print(f"[prompt {i + 1}, layer {layer.layer_number}: {size}/{dec.pos} tokens routed]",
+                              file=sys.stderr)
+    print("\n-----\n".join(outputs))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -282,6 +282,19 @@ def test_cli_end_to_end(megatron_tp1, tmp_path, capsys):
     main(["--checkpoint", str(root / "iter_0000005"), "--max-new-tokens", "4"])
     capsys.readouterr()
 
+    # Several prompts: the two of one token length decode as one batch; each output is the same as
+    # its prompt alone (greedy), in the order given.
+    others = ["upon a time once", "the sea"]  # the same words reordered: as many tokens as the prompt
+    assert len(tok.tokenize(others[0])) == len(prompt_ids) != len(tok.tokenize(others[1]))
+    main(["--checkpoint", str(root), "--prompt", prompt, "--prompt", others[0], "--prompt", others[1],
+          "--max-new-tokens", "12", "--greedy"])
+    outs = capsys.readouterr().out.strip().split("\n-----\n")
+    singles = []
+    for text in (prompt, *others):
+        main(["--checkpoint", str(root), "--prompt", text, "--max-new-tokens", "12", "--greedy"])
+        singles.append(capsys.readouterr().out.strip())
+    assert [o.strip() for o in outs] == singles and outs[0].strip() == expected.strip()
+
 
 def test_cli_errors(megatron_tp1, tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
