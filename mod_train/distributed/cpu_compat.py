@@ -4,8 +4,8 @@ megatron-core 0.16.1 assumes CUDA in a handful of places that the GPT training p
 ``torch.cuda.current_device()`` used as a tensor device, ``device="cuda"`` literals, CUDA RNG
 state in the tensor-parallel RNG tracker, CUDA streams in the MoE all-to-all dispatcher,
 ``torch.cuda.synchronize()`` around pipeline p2p, one ``Tensor.cuda()`` call, split sizes that the
-alltoall dispatcher only converts to numpy for CUDA tensors, and two "no Transformer Engine / no
-Apex" gaps (an unbound ``te_general_gemm`` and a torch norm wrapper that refuses sequence
+alltoall dispatcher only converts to numpy for CUDA tensors, the uneven all-gather / reduce-scatter
+it does over TP ranks (which gloo lacks), and two "no Transformer Engine / no Apex" gaps (an unbound ``te_general_gemm`` and a torch norm wrapper that refuses sequence
 parallelism).
 
 This module adapts exactly those sites and nothing else. Each adaptation is a small named
@@ -422,6 +422,68 @@ def _check_moe_alltoall_splits() -> None:
                   "self.ep_group, permutated_local_input_tokens, self.output_splits, self.input_splits")
 
 
+# uneven-sequence-parallel-gloo: with TP > 1 the alltoall MoE dispatcher gathers and reduce-scatters
+# a different number of tokens per TP rank (`gather_from_sequence_parallel_region(...,
+# output_split_sizes=...)`), which megatron does with `all_gather` / `reduce_scatter` over lists of
+# unequal tensors. NCCL supports that; gloo does not (unequal sizes are refused, reduce_scatter
+# does not exist). For gloo groups only, the uneven case is done with the same result by padding to
+# the largest split (gather) and by an all-reduce then this rank's slice (reduce-scatter); the
+# even case and every other backend go to megatron's function unchanged.
+_MAPPINGS = "megatron.core.tensor_parallel.mappings"
+
+
+def _is_gloo(group) -> bool:
+    import torch.distributed as dist
+
+    return dist.get_backend(group) == "gloo"
+
+
+def _apply_uneven_sp_gloo() -> None:
+    import torch.distributed as dist
+
+    mappings = _mod(_MAPPINGS)
+    gather, reduce_scatter = _upstream(mappings, "_gather_along_first_dim"), \
+        _upstream(mappings, "_reduce_scatter_along_first_dim")
+    if getattr(mappings._gather_along_first_dim, "_cpu_compat", False):
+        return
+
+    @functools.wraps(gather)
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1 or not _is_gloo(group):
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+        padded[: input_.size(0)] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([part[:size] for part, size in zip(parts, output_split_sizes)])
+
+    @functools.wraps(reduce_scatter)
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1 or not _is_gloo(group):
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return torch.split(total, list(input_split_sizes), dim=0)[group.rank()].clone()
+
+    _gather_along_first_dim._cpu_compat = True
+    _reduce_scatter_along_first_dim._cpu_compat = True
+    _set(mappings, "_gather_along_first_dim", _gather_along_first_dim)
+    _set(mappings, "_reduce_scatter_along_first_dim", _reduce_scatter_along_first_dim)
+
+
+def _check_uneven_sp_gloo() -> None:
+    mappings = _mod(_MAPPINGS)
+    _require_attr(mappings, "_gather_along_first_dim",
+                  "def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False)",
+                  "torch.distributed.all_gather(output_tensor_list, input_, group=group)")
+    _require_attr(mappings, "_reduce_scatter_along_first_dim",
+                  "def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False)",
+                  "torch.distributed.reduce_scatter(output, input_tensor_list, group=group)")
+    _require_attr(mappings._GatherFromSequenceParallelRegion, "forward",
+                  "_gather_along_first_dim(input_, group, output_split_sizes, use_global_buffer)")
+
+
 # tied-embedding-cuda: `LanguageModule.setup_embeddings_and_output_layer` does
 # `weight.data = weight.data.cuda()` before all-reducing the tied embedding between the first and
 # last pipeline stage (PP > 1 with share_embeddings_and_output_weights). A Tensor method cannot be
@@ -569,6 +631,8 @@ PATCHES: Tuple[Patch, ...] = (
           _apply_tied_embedding_cuda, _check_tied_embedding_cuda),
     Patch("torch-norm-sequence-parallel", f"{_TORCH_NORM}.WrappedTorchNorm.__new__",
           _apply_torch_norm_sp, _check_torch_norm_sp),
+    Patch("uneven-sequence-parallel-gloo", f"{_MAPPINGS}._gather_along_first_dim / _reduce_scatter_along_first_dim",
+          _apply_uneven_sp_gloo, _check_uneven_sp_gloo),
     *(_make_device_patch(*site) for site in _DEVICE_SITES),
 )
 

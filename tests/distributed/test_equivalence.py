@@ -32,6 +32,7 @@ MODELS = {
     "mod": ["model=tiny_mod", "model.num_layers=2", "model.hidden_size=32", "model.seq_length=32",
             "model.mod.capacity=0.25"],
     "tied": ["model.tie_embeddings=true"],
+    "moe": ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.every=2", "model.moe.offset=1"],
 }
 
 # name: (world size, model, overrides, expected layout in complete.json)
@@ -50,6 +51,13 @@ CASES = {
     "mod_pp2": (2, "mod", ["parallel.pp=2"], {"pp": 2}),
     "tp2_pp2": (4, "dense", ["parallel.tp=2", "parallel.pp=2"], {"tp": 2, "pp": 2, "dp": 1}),
     "dp2_tp2": (4, "dense", ["parallel.tp=2"], {"tp": 2, "dp": 2}),
+    # MoE under TP needs SP (megatron); the alltoall dispatcher then moves uneven token counts
+    # between TP ranks, the allgather dispatcher does not.
+    "moe_tp2_sp": (2, "moe", ["parallel.tp=2", "parallel.sequence_parallel=true"], {"tp": 2, "ep": 1}),
+    "moe_tp2_sp_ep2": (4, "moe", ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2"],
+                       {"tp": 2, "ep": 2, "dp": 2}),
+    "moe_tp2_sp_ep2_allgather": (4, "moe", ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2",
+                                            "model.moe.token_dispatcher=allgather"], {"tp": 2, "ep": 2}),
 }
 
 
