@@ -43,10 +43,16 @@ def run_mod_train(overrides: Sequence[str], run_dir: Path, nproc: int = 1) -> Tu
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                     "-m", "mod_train.train"]
     r = subprocess.run([*launcher, *overrides, f"train.run_dir={run_dir}"], cwd=REPO, capture_output=True, text=True)
-    last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+    last = last_line(r.stderr)
     metrics = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     return r.returncode, last, rows
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of a process's output (where its error is)."""
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def median(values: List[float]) -> float:

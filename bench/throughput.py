@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from common import REPO, median, model_config, run_mod_train, train_flops_per_token
+from common import REPO, last_line, median, model_config, run_mod_train, train_flops_per_token
 
 SCALES = {
     # scale: (models, the dense twin each ratio is taken against, dense presets with a reference)
@@ -94,7 +94,7 @@ def run_reference(model: str, args) -> Dict[str, float]:
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     result = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     if r.returncode != 0 or not result:
-        return {"error": f"exit {r.returncode}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}"}
+        return {"error": f"exit {r.returncode}: {last_line(r.stderr)}"}
     return json.loads(result[-1][len("RESULT "):])
 
 

@@ -167,11 +167,18 @@ class MoDTransformerLayer(TransformerLayer):
             out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
         return out
 
-    def _combine(self, x, idx, selected, block_out, sel_logits) -> torch.Tensor:
+    def _weighted_update(self, selected, block_out, sel_logits) -> Optional[torch.Tensor]:
+        """The block's update of the routed tokens scaled by their router weight [k, b, h]
+        (None when the router weight is off: the block output then replaces the token)."""
         weight = self.router.block_weight(sel_logits)
         if weight is None:
+            return None
+        return (block_out - selected) * weight.transpose(0, 1).unsqueeze(-1).to(block_out.dtype)
+
+    def _combine(self, x, idx, selected, block_out, sel_logits) -> torch.Tensor:
+        delta = self._weighted_update(selected, block_out, sel_logits)
+        if delta is None:
             return scatter_tokens(x, idx, block_out, add=False)
-        delta = (block_out - selected) * weight.transpose(0, 1).unsqueeze(-1).to(block_out.dtype)
         return scatter_tokens(x, idx, delta, add=True)
 
     def _forward_topk(self, x, logits, rotary_pos_emb, *args, **kwargs) -> torch.Tensor:
@@ -179,8 +186,8 @@ class MoDTransformerLayer(TransformerLayer):
             # Capacity 1.0: top-k keeps every token in order, so gather/scatter are the identity;
             # skipping them gives the same numbers at the cost of the dense layer plus the router.
             block_out = self._block(x, rotary_pos_emb, *args, **kwargs)
-            weight = self.router.block_weight(logits)
-            out = block_out if weight is None else x + (block_out - x) * weight.transpose(0, 1).unsqueeze(-1).to(x.dtype)
+            delta = self._weighted_update(x, block_out, logits)
+            out = block_out if delta is None else x + delta.to(x.dtype)
             target = torch.ones_like(logits)
         else:
             idx = topk_indices(logits, self.k)
