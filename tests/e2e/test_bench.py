@@ -96,3 +96,18 @@ def test_isoflop_bench_spends_the_same_budget_on_each_model(tiny_data, tmp_path)
     assert abs(matched["forward_flops_per_token"] - dense["forward_flops_per_token"]) < \
         0.25 * dense["forward_flops_per_token"]
     assert "valid loss" in r.stdout
+
+
+def test_mock_data_trains_and_save_false_writes_no_checkpoint(tmp_path):
+    """`data=mock` needs no tokenizer or files; `checkpoint.save=false` leaves no checkpoint, even
+    at max_steps where a checkpoint is otherwise always written."""
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "mod_train.train", "data=mock", "model.vocab_size=300",
+                        "train.max_steps=3", "train.log_interval=1", "checkpoint.save=false",
+                        "tracking.enabled=false", f"train.run_dir={run}"],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "lm loss" in row] == [1, 2, 3]
+    assert all(0 < row["lm loss"] < 10 for row in rows if "lm loss" in row)
+    assert not (run / "checkpoints").exists() and "saved checkpoint" not in r.stdout
