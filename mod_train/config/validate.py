@@ -239,6 +239,13 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         if m.moe.mode == "staged":
             _require(m.mod.enabled and bool(set(mod_layers) & set(moe_layers)),
                      f"model.moe.mode=staged (MoD routing around an MoE layer) needs layers that are both MoD and "
+        if m.moe.num_noop_experts is not None:
+            _require(m.moe.mode == "integrated",
+                     f"model.moe.num_noop_experts={m.moe.num_noop_experts} is only used by integrated MoDE: set "
+                     f"model.moe.mode=integrated or model.moe.num_noop_experts=null.")
+            _require(m.moe.num_noop_experts >= 1,
+                     f"model.moe.num_noop_experts={m.moe.num_noop_experts} must be >= 1 (null: top_k, so a token "
+                     f"can skip its MLP entirely).")
                      f"MoE: MoD layers {mod_layers}, MoE layers {moe_layers}. Use model=tiny_mode_staged or enable "
                      f"model.mod on the MoE layers.")
         if par.tp > 1:
