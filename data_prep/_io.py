@@ -16,7 +16,7 @@ import gzip
 import io
 import json
 import os
-from typing import IO, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import IO, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 FORMATS = (".txt", ".jsonl")
 _GLOB_CHARS = set("*?[")
@@ -151,3 +151,51 @@ def prepare_output_dir(output_prefix: str) -> str:
     if not os.access(out_dir, os.W_OK):
         raise DataPrepError(f"output directory '{out_dir}' is not writable")
     return out_dir
+
+
+def iter_byte_ranges(path: str, chunk_bytes: int = 1 << 20) -> Iterator[Tuple[int, int]]:
+    """``(start, end)`` byte ranges of about ``chunk_bytes`` covering an uncompressed file, cut after a
+    newline, so a worker can read and parse its own range: the main process reads no text."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            f.seek(min(start + chunk_bytes, size) - 1)
+            f.readline()  # to the end of the line that holds the last byte of the budget
+            end = f.tell()
+            yield start, end
+            start = end
+
+
+def read_byte_range(path: str, start: int, end: int) -> List[str]:
+    """The lines of ``path[start:end]`` (a range from :func:`iter_byte_ranges`), decoded as :func:`open_text` does.
+
+    Ranges end after a newline byte, which never occurs inside a UTF-8 sequence, so decoding each
+    range alone gives the same text as decoding the whole file.
+    """
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    return _split_on_newline(data.decode("utf-8", errors="replace"))
+
+
+def _split_on_newline(text: str) -> List[str]:
+    lines = text.split("\n")
+    out = [line + "\n" for line in lines[:-1]]
+    if lines[-1]:
+        out.append(lines[-1])
+    return out
+
+
+def line_number_at(path: str, offset: int) -> int:
+    """The 1-based line number of the line that starts at byte ``offset`` (for error messages)."""
+    count = 0
+    with open(path, "rb") as f:
+        remaining = offset
+        while remaining > 0:
+            block = f.read(min(remaining, 16 << 20))
+            if not block:
+                break
+            count += block.count(b"\n")
+            remaining -= len(block)
+    return count + 1

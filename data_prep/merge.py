@@ -1,7 +1,8 @@
 """Merge indexed-dataset shards (``.bin/.idx`` pairs, e.g. from a Slurm array) into one.
 
-Shards are concatenated in the order given (globs expand sorted), with megatron-core's
-``IndexedDatasetBuilder.add_index``: merging the shards of a corpus gives exactly the files that
+Shards are concatenated in the order given (globs expand sorted), as megatron-core's
+``IndexedDatasetBuilder.add_index`` does (here by :mod:`data_prep.indexed_format`, without torch or
+megatron-core): merging the shards of a corpus gives exactly the files that
 tokenizing the whole corpus in one go would. All shards must have the same token dtype. Each
 shard's .bin size is checked against its .idx. Output is written to a temporary name and renamed
 into place (the .idx last).
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -25,8 +25,7 @@ from typing import List, Sequence, Union
 import numpy as np
 
 from data_prep._io import DataPrepError, prepare_output_dir
-
-_INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron-core's .idx magic, then <Q version, <B dtype code
+from data_prep.indexed_format import IndexedWriter, IndexFormatError, read_header
 
 
 @dataclass
@@ -70,27 +69,16 @@ def expand_shards(shards: Union[str, Sequence[str]]) -> List[str]:
     return prefixes
 
 
-def read_dtype(prefix: str):
+def read_dtype(prefix: str) -> np.dtype:
     """The numpy token dtype recorded in ``prefix.idx`` (DataPrepError if it is not an index file)."""
-    from megatron.core.datasets.indexed_dataset import DType
-
-    with open(prefix + ".idx", "rb") as f:
-        head = f.read(len(_INDEX_HEADER) + 9)
-    if len(head) < len(_INDEX_HEADER) + 9 or not head.startswith(_INDEX_HEADER):
-        raise DataPrepError(f"'{prefix}.idx' is not a megatron-core index file (bad header)")
-    (version,) = struct.unpack("<Q", head[len(_INDEX_HEADER):len(_INDEX_HEADER) + 8])
-    if version != 1:
-        raise DataPrepError(f"'{prefix}.idx' has index version {version}; only version 1 is supported")
     try:
-        return DType.dtype_from_code(head[-1])
-    except ValueError:
-        raise DataPrepError(f"'{prefix}.idx' has an unknown dtype code {head[-1]}") from None
+        return read_header(prefix + ".idx").dtype
+    except IndexFormatError as e:
+        raise DataPrepError(str(e)) from None
 
 
 def merge_shards(shards, output_prefix: str) -> MergeSummary:
     """Concatenate the shards into ``output_prefix``.bin/.idx; see the module docstring."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     t0 = time.perf_counter()
     output_prefix = _strip_ext(os.fspath(output_prefix))
     prefixes = expand_shards(shards)
@@ -99,38 +87,39 @@ def merge_shards(shards, output_prefix: str) -> MergeSummary:
         raise DataPrepError(f"the output '{output_prefix}' is also one of the shards; choose another output prefix")
     dtypes = {p: read_dtype(p) for p in prefixes}
     dtype = dtypes[prefixes[0]]
-    odd = [f"{p} ({d.__name__})" for p, d in dtypes.items() if d != dtype]
+    odd = [f"{p} ({d.name})" for p, d in dtypes.items() if d != dtype]
     if odd:
-        raise DataPrepError(f"shards have different token dtypes: {prefixes[0]} is {dtype.__name__} but "
+        raise DataPrepError(f"shards have different token dtypes: {prefixes[0]} is {dtype.name} but "
                             f"{', '.join(odd)}; tokenize all shards with the same tokenizer")
     prepare_output_dir(output_prefix)
-    itemsize = dtype().itemsize
     tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
     tmp_bin, tmp_idx = tmp_prefix + ".bin", tmp_prefix + ".idx"
-    builder = None
+    writer = None
     try:
-        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+        writer = IndexedWriter(tmp_bin, dtype)
         for prefix in prefixes:
-            before = len(builder.sequence_lengths)
-            builder.add_index(prefix)
-            expected = int(np.asarray(builder.sequence_lengths[before:], dtype=np.int64).sum()) * itemsize
+            before = writer.tokens
+            try:
+                writer.add_index(prefix)
+            except IndexFormatError as e:
+                raise DataPrepError(f"shard '{prefix}': {e}") from None
+            expected = (writer.tokens - before) * dtype.itemsize
             actual = os.path.getsize(prefix + ".bin")
             if actual != expected:
                 raise DataPrepError(f"shard '{prefix}' is inconsistent: its .idx describes {expected} bytes of "
                                     f"tokens but its .bin has {actual}; re-create that shard")
-        tokens = int(np.asarray(builder.sequence_lengths, dtype=np.int64).sum())
-        sequences, documents = len(builder.sequence_lengths), len(builder.document_indices) - 1
-        builder.finalize(tmp_idx)
+        tokens, sequences, documents = writer.tokens, writer.sequences, writer.documents
+        writer.finalize(tmp_idx)
         os.replace(tmp_bin, output_prefix + ".bin")
         os.replace(tmp_idx, output_prefix + ".idx")
     finally:
-        if builder is not None and not builder.data_file.closed:
-            builder.data_file.close()
+        if writer is not None:
+            writer.close()
         for path in (tmp_bin, tmp_idx):
             if os.path.exists(path):
                 os.remove(path)
     return MergeSummary(output_prefix=output_prefix, shards=prefixes, sequences=sequences, documents=documents,
-                        tokens=tokens, dtype=dtype.__name__, seconds=time.perf_counter() - t0)
+                        tokens=tokens, dtype=dtype.name, seconds=time.perf_counter() - t0)
 
 
 def build_parser() -> argparse.ArgumentParser:

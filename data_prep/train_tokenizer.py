@@ -13,9 +13,13 @@ Training sees every non-blank line of every document as one sentence. The result
 ``<prefix>.model`` and ``<prefix>.vocab``, trained in a temporary directory beside them and renamed
 into place (the .model last), so a crash never leaves a half-written tokenizer.
 
+``--kind hf-bpe`` trains a byte-level BPE with Hugging Face ``tokenizers`` instead (same special
+ids; writes a directory with ``tokenizer.json``; :mod:`data_prep.train_hf_tokenizer`).
+
 Usage::
 
     mod-prep-tokenizer -i 'data/*.jsonl' -o data/tok --vocab-size 2048 [--model-type unigram]
+    mod-prep-tokenizer --kind hf-bpe -i 'data/*.jsonl' -o data/hf_tok --vocab-size 2048
 """
 
 from __future__ import annotations
@@ -151,13 +155,13 @@ def train_tokenizer(
             if error:
                 raise error[0] from None
             if counter[0] == 0:
-                raise DataPrepError(_empty(files)) from None
+                raise DataPrepError(empty_corpus_message(files)) from None
             explained = _explain(str(e), vocab_size, model_type)
             if explained:
                 raise DataPrepError(explained) from None
             raise DataPrepError(f"sentencepiece training failed: {e}") from e
         if counter[0] == 0:
-            raise DataPrepError(_empty(files))
+            raise DataPrepError(empty_corpus_message(files))
         model_path, vocab_path = output_prefix + ".model", output_prefix + ".vocab"
         os.replace(os.path.join(tmp_dir, "sp.vocab"), vocab_path)
         os.replace(os.path.join(tmp_dir, "sp.model"), model_path)
@@ -172,7 +176,7 @@ def train_tokenizer(
                          seconds=time.perf_counter() - t0)
 
 
-def _empty(files: List[str]) -> str:
+def empty_corpus_message(files: List[str]) -> str:
     shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
     return f"empty corpus: no non-blank documents in {shown}"
 
@@ -181,12 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mod-prep-tokenizer",
         description="Train a sentencepiece tokenizer (ids: <pad>=0 <unk>=1 <s>=2 </s>=3, then "
-                    "--special-token pieces, then byte fallback).")
+                    "--special-token pieces, then byte fallback), or with --kind hf-bpe a Hugging Face "
+                    "byte-level BPE (same special ids; PREFIX/tokenizer.json).")
+    p.add_argument("--kind", choices=("sentencepiece", "hf-bpe"), default="sentencepiece",
+                   help="sentencepiece (default): PREFIX.model; hf-bpe: PREFIX/tokenizer.json")
     p.add_argument("-i", "--input", dest="inputs", nargs="+", action="extend", required=True,
                    metavar="PATH", help=".txt (one document per line) or .jsonl files, globs or directories")
-    p.add_argument("-o", "--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("-o", "--output-prefix", required=True,
+                   help="writes PREFIX.model and PREFIX.vocab (hf-bpe: the directory PREFIX/)")
     p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="sentencepiece only")
     p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
     p.add_argument("--special-token", dest="special_tokens", action="append", default=[], metavar="TOKEN",
                    help="user special token, ids from 4 in order given (repeatable)")
@@ -203,18 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        info = train_tokenizer(a.inputs, a.output_prefix, a.vocab_size, model_type=a.model_type,
-                               text_key=a.text_key, special_tokens=a.special_tokens,
-                               byte_fallback=a.byte_fallback, character_coverage=a.character_coverage,
-                               split_digits=a.split_digits, max_sentences=a.max_sentences,
-                               num_threads=a.threads, seed=a.seed, verbose=a.verbose)
+        if a.kind == "hf-bpe":
+            from data_prep.train_hf_tokenizer import train_hf_bpe
+
+            info = train_hf_bpe(a.inputs, a.output_prefix, a.vocab_size, text_key=a.text_key,
+                                special_tokens=a.special_tokens)
+        else:
+            info = train_tokenizer(a.inputs, a.output_prefix, a.vocab_size, model_type=a.model_type,
+                                   text_key=a.text_key, special_tokens=a.special_tokens,
+                                   byte_fallback=a.byte_fallback, character_coverage=a.character_coverage,
+                                   split_digits=a.split_digits, max_sentences=a.max_sentences,
+                                   num_threads=a.threads, seed=a.seed, verbose=a.verbose)
     except DataPrepError as e:
         print(f"mod-prep-tokenizer: error: {e}", file=sys.stderr)
         return 1
     d = asdict(info)
     ids = " ".join(f"{k}={v}" for k, v in d.pop("special_ids").items())
     print(f"wrote {info.model_path} ({info.model_type}, vocab {info.vocab_size}; {ids}) from "
-          f"{info.sentences} lines in {info.seconds:.1f} s")
+          f"{info.sentences} {'documents' if a.kind == 'hf-bpe' else 'lines'} in {info.seconds:.1f} s")
     return 0
 
 
