@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install clean-demo gpu-kit
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# wheels for bench/gpu_suite.py on a GPU machine with no package registry (docs/gpu.md)
+gpu-kit: $(STAMP)
+	$(BIN)/python bench/gpu_kit.py
 
 clean-demo:
 	rm -rf runs/demo data/demo mlruns mlflow.db mlartifacts
