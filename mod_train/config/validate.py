@@ -66,16 +66,21 @@ def pad_vocab(vocab: int, divisible_by: int) -> int:
 
 
 def tokenizer_vocab_size(path: str) -> int:
-    """Vocabulary size of a sentencepiece model, with a clear error for a bad path."""
+    """Vocabulary size of a sentencepiece .model or a Hugging Face tokenizer.json (or a directory
+    with one), with a clear error for a bad path or a tokenizer without an end-of-document token."""
     p = Path(path)
-    _require(p.is_file(), f"data.tokenizer_model: no tokenizer file at '{path}'. Train one with "
-                          f"`mod-prep-tokenizer` or point data.tokenizer_model at an existing .model file.")
-    import sentencepiece as spm
+    _require(p.exists(), f"data.tokenizer_model: no tokenizer file at '{path}'. Train one with "
+                         f"`mod-prep-tokenizer` or point data.tokenizer_model at an existing .model file, "
+                         f"tokenizer.json, or a directory with a tokenizer.json.")
+    from data_prep._io import DataPrepError
+    from data_prep.encoders import eod_id, load_encoder
 
     try:
-        return spm.SentencePieceProcessor(model_file=str(p)).vocab_size()
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError for a corrupt file
-        raise ConfigError(f"data.tokenizer_model: '{path}' is not a readable sentencepiece model ({e}).") from e
+        encoder = load_encoder(str(p))
+        eod_id(encoder)  # training marks document ends with it
+        return encoder.vocab_size
+    except DataPrepError as e:
+        raise ConfigError(f"data.tokenizer_model: {e}") from e
 
 
 def check_data_paths(paths: List[str], weights: Optional[List[float]]) -> None:
