@@ -532,7 +532,7 @@ def load_for_generation(checkpoint: str, iteration: str = "latest", tokenizer_pa
     else:
         check_supported_layout(cfg)
     tok_path = tokenizer_path or cfg.data.tokenizer_model
-    if not Path(tok_path).is_file():
+    if not Path(tok_path).exists():  # a .model, a tokenizer.json, or a directory with one
         raise GenerateError(f"tokenizer model {tok_path!r} (data.tokenizer_model of the checkpoint's config) "
                             f"not found from {os.getcwd()}; pass --tokenizer PATH")
     tokenizer = load_tokenizer(tok_path)
