@@ -57,9 +57,11 @@ def base_layer_spec(model: ModelConfig, moe: bool, mod_seq_length: int | None = 
         from mod_train.model.moe import moe_mlp_spec
 
         if model.moe.mode == "integrated":
+            from mod_train.model.flops import noop_columns
             from mod_train.model.mode import MoDELayer, NoOpRouter
 
             mlp = moe_mlp_spec(spec.submodules.mlp, MoDELayer, NoOpRouter, mod_seq_length=mod_seq_length)
+            mlp.params = {**(mlp.params or {}), "num_noop_experts": noop_columns(model)}
         else:
             mlp = moe_mlp_spec(spec.submodules.mlp, mod_seq_length=mod_seq_length)
         spec = copy.copy(spec)

@@ -27,7 +27,8 @@ def make_moe_layer(*extra):
 
 
 def reference_output(layer, x, k):
-    """sum over the token's top-k slots of softmax(selected logits) x expert(x); no-op slots add 0."""
+    """sum over the token's top-k slots of softmax(selected logits) x expert(x); no-op slots (columns
+    E and above) add 0."""
     flat = x.reshape(-1, H)
     logits = flat @ layer.router.weight.t()
     vals, idx = logits.topk(k, dim=-1)
@@ -55,16 +56,17 @@ class DispatchSpy:
         layer.experts.forward = spy
 
 
-@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
-def test_integrated_mode_skips_noop_slots_and_matches_reference(megatron_tp1, dispatcher):
+@pytest.mark.parametrize("dispatcher,noop", [("alltoall", None), ("allgather", None), ("alltoall", 1)])
+def test_integrated_mode_skips_noop_slots_and_matches_reference(megatron_tp1, dispatcher, noop):
     layer = make_moe_layer("model.moe.mode=integrated", "model.moe.top_k=2",
-                           f"model.moe.token_dispatcher={dispatcher}")
-    assert layer.router.weight.shape == (E + 1, H)  # one extra logit: the no-op expert
+                           f"model.moe.token_dispatcher={dispatcher}", f"model.moe.num_noop_experts={noop or 'null'}")
+    n = noop or 2  # default: top_k no-op columns
+    assert layer.router.weight.shape == (E + n, H)  # n extra logits: the no-op experts
     spy = DispatchSpy(layer)
     x = torch.randn(S, B, H)
     out, _ = layer(x)
     want, idx = reference_output(layer, x, 2)
-    noop_slots = int((idx == E).sum())
+    noop_slots = int((idx >= E).sum())
     assert 0 < noop_slots < S * B  # some, not all, tokens use the no-op this time
     assert spy.slots == [S * B * 2 - noop_slots]  # no-op slots are never dispatched or computed
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
@@ -89,9 +91,44 @@ def test_top1_noop_tokens_keep_their_residual_and_router_learns_the_noop(megatro
     assert layer.router.weight.grad[E].abs().sum() > 0
 
 
+def test_with_top_k_noop_columns_a_token_skips_its_mlp_entirely(megatron_tp1):
+    """top_k=2 and (by default) 2 no-op columns: a token whose two best columns are both no-ops is
+    never dispatched and gets no MoE output; the FLOP count's no-op share is the measured one."""
+    from mod_train.model.mode import drain_noop_share
+
+    layer = make_moe_layer("model.moe.mode=integrated", "model.moe.top_k=2", "model.moe.aux_loss_coeff=0")
+    assert layer.num_noop_experts == 2 and layer.router.weight.shape == (E + 2, H)
+    x = torch.randn(S, B, H)
+    with torch.no_grad():  # both no-op columns score high on tokens whose first feature is positive
+        direction = torch.zeros(H)
+        direction[0] = 10.0
+        layer.router.weight[E:] = layer.router.weight[E:] * 0.01 + direction
+    spy = DispatchSpy(layer)
+    layer.train()
+    out, _ = layer(x)
+    want, idx = reference_output(layer, x, 2)
+    skipped = (idx >= E).all(-1).view(S, B)  # both slots on no-ops
+    assert skipped.any() and (~skipped).any()
+    assert torch.equal(out[skipped], torch.zeros_like(out[skipped]))  # nothing added to the residual
+    assert (out[~skipped].abs().sum(-1) > 0).all()
+    noop_slots = int((idx >= E).sum())
+    assert spy.slots == [S * B * 2 - noop_slots]  # skipped tokens are never dispatched
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    # the training forward's no-op share, as the trainer's FLOP count reads it (then reset)
+    share = drain_noop_share([layer], num_layers=2, device="cpu")
+    assert math.isclose(share, noop_slots / (S * B * 2), rel_tol=1e-12)
+    assert math.isclose(layer.routing_stats()["moe/layer1/noop_frac"], share, rel_tol=1e-6)
+    assert drain_noop_share([layer], num_layers=2, device="cpu") is None
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # evaluation is not training compute
+    assert drain_noop_share([layer], num_layers=2, device="cpu") is None
+
+
 def test_moe_layer_stats_and_routing_heatmap(megatron_tp1, tmp_path):
     from mod_train.model.aux_losses import AuxLossRecorder
-    from mod_train.model.moe import gather_routing_loads, save_routing_heatmap
+    from mod_train.model.moe import gather_routing_loads
+    from mod_train.tracking.plots import plot_routing_heatmap
 
     layer = make_moe_layer("model.moe.top_k=2", "model.moe.capacity_factor=1.0", "model.moe.z_loss_coeff=0.001")
     recorder = AuxLossRecorder([layer])
@@ -108,7 +145,7 @@ def test_moe_layer_stats_and_routing_heatmap(megatron_tp1, tmp_path):
     assert list(table) == [1] and math.isclose(sum(table[1]), 1.0)
     assert gather_routing_loads([layer], num_layers=2, num_columns=E, device="cpu") == {}  # counts were reset
     pytest.importorskip("matplotlib")
-    png = save_routing_heatmap(table, tmp_path / "heat.png", [f"e{i}" for i in range(E)])
+    png = plot_routing_heatmap(table, tmp_path / "heat.png", [f"e{i}" for i in range(E)])
     assert png is not None and png.stat().st_size > 0
 
 
@@ -155,6 +192,8 @@ def check(*overrides, world_size=2):
     (["model.moe.num_experts=4", "model.moe.capacity_factor=0"], 1, "capacity_factor must be > 0"),
     (["model.moe.num_experts=4", "parallel.tp=2"], 2, "need parallel.sequence_parallel=true"),
     (["model=tiny_mode_integrated", "model.moe.top_k=5"], 1, "top_k=5 must be between 1"),
+    (["model=tiny_moe", "model.moe.num_noop_experts=2"], 1, "num_noop_experts=2 is only used by integrated"),
+    (["model=tiny_mode_integrated", "model.moe.num_noop_experts=0"], 1, "num_noop_experts=0 must be >= 1"),
 ])
 def test_bad_moe_configs_are_rejected(overrides, world, needle):
     with pytest.raises(ConfigError) as e:
