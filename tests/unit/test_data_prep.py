@@ -165,3 +165,116 @@ def test_error_messages(work, tmp_path):
     assert "cannot create output directory" in err(tokenize_corpus, [good], info.model_path,
                                                    str(blocker / "sub" / "ds"), workers=1)
     assert "no shards" in err(merge_shards, [str(tmp_path / "zz*")], str(tmp_path / "m"))
+
+
+def _megatron_build(prefix: str, docs_ids, dtype):
+    """The files megatron-core's own IndexedDatasetBuilder writes for these documents."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for ids in docs_ids:
+        builder.add_item(torch.tensor(ids, dtype=torch.int64))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+
+
+def test_writer_byte_identical_to_megatron_on_bundled_corpus(work, tmp_path):
+    """Our torch-free writer against megatron-core's IndexedDatasetBuilder, read back by IndexedDataset."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data_prep._io import iter_documents
+
+    _, info = work
+    s = tokenize_corpus([str(BUNDLED_CORPUS)], info.model_path, str(tmp_path / "ours"), workers=2,
+                        chunk_bytes=200_000, progress=False)
+    sp = spm.SentencePieceProcessor(model_file=info.model_path)
+    docs = list(iter_documents([str(BUNDLED_CORPUS)]))
+    ref_ids = [ids + [sp.eos_id()] for ids in sp.encode(docs)]
+    _megatron_build(str(tmp_path / "ref"), ref_ids, np.uint16)
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"ref.{ext}").read_bytes(), ext
+    ds = IndexedDataset(str(tmp_path / "ours"))
+    assert len(ds) == s.documents == len(docs) > 3000
+    assert ds[0].tolist() == ref_ids[0] and ds[len(docs) - 1].tolist() == ref_ids[-1]
+
+
+def test_writer_int32_and_merge_byte_identical_to_megatron(tmp_path):
+    """Large vocabularies (int32 tokens), empty sequences, and add_index merging, against megatron-core."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from data_prep.indexed_format import IndexedWriter, token_dtype
+
+    assert token_dtype(65499) == np.uint16 and token_dtype(65500) == np.int32  # DType.optimal_dtype
+    rng = np.random.default_rng(0)
+    parts = [[rng.integers(0, 100_000, size=int(n)).tolist() for n in rng.integers(0, 50, size=30)] for _ in range(2)]
+    for i, docs_ids in enumerate(parts):
+        w = IndexedWriter(str(tmp_path / f"ours{i}.bin"), token_dtype(100_000))
+        w.add_documents(np.concatenate([np.asarray(d, np.int64) for d in docs_ids]),
+                        np.array([len(d) for d in docs_ids]))
+        w.finalize(str(tmp_path / f"ours{i}.idx"))
+        _megatron_build(str(tmp_path / f"ref{i}"), docs_ids, np.int32)
+        for ext in ("bin", "idx"):
+            assert (tmp_path / f"ours{i}.{ext}").read_bytes() == (tmp_path / f"ref{i}.{ext}").read_bytes()
+    merge_shards([str(tmp_path / "ours0"), str(tmp_path / "ours1")], str(tmp_path / "merged"))
+    builder = IndexedDatasetBuilder(str(tmp_path / "ref_merged.bin"), dtype=np.int32)
+    for i in range(2):
+        builder.add_index(str(tmp_path / f"ref{i}"))
+    builder.finalize(str(tmp_path / "ref_merged.idx"))
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"merged.{ext}").read_bytes() == (tmp_path / f"ref_merged.{ext}").read_bytes()
+    ds = IndexedDataset(str(tmp_path / "merged"))
+    assert [ds[i].tolist() for i in range(len(ds))] == parts[0] + parts[1]
+    assert torch.is_tensor(torch.from_numpy(ds[1]))
+
+
+_NO_HEAVY_IMPORTS = """
+import json, sys
+from data_prep.{module} import main
+rc = main({argv!r})
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "megatron", "deepspeed"))
+print(json.dumps({{"rc": rc, "heavy": heavy[:5]}}))
+"""
+
+
+def test_data_prep_clis_import_no_torch_or_megatron(work, tmp_path):
+    """mod-prep-data (2 workers) and mod-prep-merge start encoding/merging without torch or megatron-core."""
+    import subprocess
+    import sys
+
+    d, info = work
+    prefix = str(tmp_path / "ds")
+    runs = [("tokenize_corpus", ["-i", str(d / "all.jsonl"), "-t", info.model_path, "-o", prefix, "-w", "2",
+                                 "--no-progress"]),
+            ("merge", ["-i", prefix, "-o", str(tmp_path / "merged")])]
+    for module, argv in runs:
+        r = subprocess.run([sys.executable, "-c", _NO_HEAVY_IMPORTS.format(module=module, argv=argv)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+        assert result == {"rc": 0, "heavy": []}, result
+        if module == "tokenize_corpus":
+            first = float(r.stdout.split("first chunk after ")[1].split(" s")[0])
+            assert 0 < first < 5.0  # loose: encoding starts at once (was ~4 s of torch/megatron imports)
+    assert (tmp_path / "merged.bin").read_bytes() == (tmp_path / "ds.bin").read_bytes()
+
+
+def test_byte_range_chunks_keep_line_numbers_and_text(tmp_path):
+    """Workers read their own byte ranges: text (CR, odd Unicode line breaks, bad UTF-8) and error line numbers
+    are as when the whole file is read."""
+    from data_prep._io import iter_documents
+    from data_prep.tokenize_corpus import chunk_documents, iter_chunks
+
+    path = tmp_path / "odd.jsonl"
+    lines = [json.dumps({"text": f"doc {i} \u2028 x\r y\x0c"}) for i in range(50)]
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff byte"}\n' + b'{"nope": 1}\n')
+    chunks = list(iter_chunks([str(path)], chunk_bytes=100))
+    assert len(chunks) > 10
+    docs = []
+    with pytest.raises(DataPrepError, match=f"{path}:52: no 'text' field"):
+        for c in chunks:
+            docs += chunk_documents(c, "text")[0]
+    path.write_bytes(path.read_bytes().replace(b'{"nope": 1}\n', b""))
+    docs = [doc for c in iter_chunks([str(path)], 100) for doc in chunk_documents(c, "text")[0]]
+    assert docs == list(iter_documents([str(path)])) and len(docs) == 51 and "\ufffd" in docs[-1]
