@@ -165,6 +165,8 @@ def test_error_messages(work, tmp_path):
     assert "cannot create output directory" in err(tokenize_corpus, [good], info.model_path,
                                                    str(blocker / "sub" / "ds"), workers=1)
     assert "no shards" in err(merge_shards, [str(tmp_path / "zz*")], str(tmp_path / "m"))
+    assert "needs a Hugging Face tokenizer.json" in err(tokenize_corpus, [good], info.model_path, str(tmp_path / "t"),
+                                                        parallel="threads")
 
 
 def _megatron_build(prefix: str, docs_ids, dtype):
