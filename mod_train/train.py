@@ -150,9 +150,15 @@ class Trainer:
         self.train_batches = MicroBatches(datasets.train, self.state.consumed_train_samples,
                                           cfg.parallel.micro_batch_size, self.dp_rank, self.dp_size, self.env.device)
 
+        # FLOPs per token as Megatron-LM counts them (flops.py); integrated MoDE: as if no routing
+        # slot went to a no-op (the tag and the upper bound; steps are charged at the measured share).
         self.flops_per_token = train_flops_per_token(
             cfg.model, self.derived.ffn_hidden_size, self.derived.padded_vocab_size, self.derived.mod_layers,
             self.derived.mod_capacities, self.derived.moe_layers)
+        self.tokens_per_step = self.derived.global_batch_size * cfg.model.seq_length
+        if self.state.total_flops is None:  # a checkpoint from before total FLOPs were kept
+            self.state.total_flops = self.flops_per_token * self.tokens_per_step * self.state.step
+        self._flops_counted_to_step = self.state.step
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         self.peak_tflops = cfg.train.peak_tflops or peak_tflops_for(device_name)
         self.tracker, self.metrics_file = self._start_tracking()
@@ -255,7 +261,7 @@ class Trainer:
                 step_seconds += time.perf_counter() - t_sync
                 elapsed = step_seconds / max(steps_timed, 1)
                 step_seconds, steps_timed = 0.0, 0
-                metrics.update(self._throughput(elapsed, tokens_per_step, self._measured_flops_per_token(metrics)))
+                metrics.update(self._throughput(elapsed, tokens_per_step, self._account_flops()))
                 self._log(self.state.step, metrics)
             if self.valid_dataset is not None and self.state.step % cfg.train.eval_interval == 0:
                 self._log(self.state.step, self.evaluate())
@@ -267,6 +273,7 @@ class Trainer:
                                         or self.state.step == cfg.train.max_steps or exiting):
                 # The run id is known late if the tracking server was down at start.
                 self.state.mlflow_run_id = self.tracker.run_id
+                self._account_flops()  # the saved total covers every step up to this one
                 path = self.checkpointer.save(self.engine, self.state, {"config": to_plain_dict(cfg)})
                 self._info(f"saved checkpoint {path}")
                 self._log_routing_heatmap()
@@ -282,16 +289,26 @@ class Trainer:
                 break
         return self.state
 
-    def _measured_flops_per_token(self, metrics: Dict[str, float]) -> float:
-        """Integrated MoDE: FLOPs at the no-op share measured this step (mean over MoE layers)."""
-        noop = [v for k, v in metrics.items() if k.startswith("moe/layer") and k.endswith("/noop_frac")]
-        if not noop:
-            return self.flops_per_token
-        from mod_train.model.flops import train_flops_per_token
+    def _account_flops(self) -> float:
+        """Add the steps since the last call to ``state.total_flops`` and return the training FLOPs
+        per token they were charged at: ``flops_per_token``, except for integrated MoDE, where it is
+        the count at the no-op share measured over exactly those steps (every training forward pass
+        counts its slots, so the share is exact, not the logged step's sample). Called at logged
+        steps and before each checkpoint, on every rank (integrated MoDE: one small collective)."""
+        from mod_train.model.flops import noop_columns, train_flops_per_token
 
-        d = self.derived
-        return train_flops_per_token(self.cfg.model, d.ffn_hidden_size, d.padded_vocab_size, d.mod_layers,
-                                     d.mod_capacities, d.moe_layers, noop_fraction=sum(noop) / len(noop))
+        flops = self.flops_per_token
+        if noop_columns(self.cfg.model):
+            from mod_train.model.mode import drain_noop_share
+
+            share = drain_noop_share(self.engine.module, self.cfg.model.num_layers, self.env.device)
+            if share is not None:
+                d = self.derived
+                flops = train_flops_per_token(self.cfg.model, d.ffn_hidden_size, d.padded_vocab_size, d.mod_layers,
+                                              d.mod_capacities, d.moe_layers, noop_fraction=share)
+        self.state.total_flops += flops * self.tokens_per_step * (self.state.step - self._flops_counted_to_step)
+        self._flops_counted_to_step = self.state.step
+        return flops
 
     def _log_routing_heatmap(self) -> None:
         """MoE: a layers x experts heatmap of routing shares since the last checkpoint, gathered
@@ -301,7 +318,11 @@ class Trainer:
             return
         from mod_train.model.moe import gather_routing_loads, save_routing_heatmap
 
-        labels = [f"e{i}" for i in range(moe.num_experts)] + (["no-op"] if moe.mode == "integrated" else [])
+        from mod_train.model.flops import noop_columns
+
+        noops = noop_columns(self.cfg.model)
+        labels = [f"e{i}" for i in range(moe.num_experts)] + (["no-op"] if noops == 1 else
+                                                              [f"no-op{j}" for j in range(noops)])
         loads = gather_routing_loads(self.engine.module, self.cfg.model.num_layers, len(labels), self.env.device)
         if self.env.is_main:
             png = save_routing_heatmap(loads, self.run_dir / "routing" / f"routing_iter_{self.state.step:07d}.png",
@@ -317,9 +338,9 @@ class Trainer:
         out = {"elapsed time per iteration (ms)": seconds_per_step * 1000.0, "tokens/s": tokens_per_s,
                "TFLOP/s/device": tflops_per_device, "consumed samples": float(self.state.consumed_train_samples),
                "global batch size": float(self.derived.global_batch_size),
-               # cumulative model FLOPs, all devices (step x global batch x seq x the flops_per_token
-               # tag): the x axis of loss_vs_flops.png, comparable across dense/MoD/MoE runs
-               "total FLOPs": float(self.flops_per_token * tokens_per_step * self.state.step)}
+               # cumulative training FLOPs of all devices, each step at its measured count (kept in the
+               # checkpoint): the x axis of loss_vs_flops.png, comparable across dense/MoD/MoE runs
+               "total FLOPs": float(self.state.total_flops)}
         if self.peak_tflops:
             out["MFU"] = tflops_per_device / self.peak_tflops
         import torch

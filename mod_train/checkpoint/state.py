@@ -37,6 +37,9 @@ class TrainState:
     step: int = 0
     consumed_train_samples: int = 0
     mlflow_run_id: Optional[str] = None
+    # Training FLOPs of all devices up to `step` (flops.py's count; integrated MoDE at its measured
+    # no-op share). None in checkpoints written before it was kept: the trainer re-derives it.
+    total_flops: Optional[float] = None
 
 
 def rng_state() -> dict:
