@@ -11,7 +11,8 @@ Three small megatron-core subclasses, put into the layer spec by ``specs.py``:
   ``aux_loss`` (load-balancing loss, before its coefficient), ``z_loss`` (mean squared logsumexp of
   the router logits), and in a staged-MoDE layer ``skip_frac`` (share of the sequence that the
   enclosing MoD router sent around the block). It also counts slots per expert for the routing
-  heatmap written at checkpoints (:func:`gather_routing_loads`, :func:`save_routing_heatmap`).
+  heatmap written at checkpoints (:func:`gather_routing_loads` computes the shares; the drawing is
+  ``mod_train.tracking.plots.plot_routing_heatmap``).
 * :class:`SeededSequentialMLP` (megatron's ``SequentialMLP``) draws every expert from a generator
   seeded by (layer seed, *global* expert index), so an expert's initial weights do not depend on
   the expert-parallel size: with ``use_cpu_initialization`` megatron draws each EP rank's local
@@ -27,8 +28,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -232,7 +231,7 @@ def moe_mlp_spec(mlp_spec, layer_cls=ObservedMoELayer, router_cls=ObservedRouter
     return spec
 
 
-# ----------------------------------------------------------------------------- heatmap
+# ----------------------------------------------------------------------------- routing loads
 def moe_layers(chunks: Sequence[torch.nn.Module]) -> List[ObservedMoELayer]:
     return [m for c in chunks for m in c.modules() if isinstance(m, ObservedMoELayer)]
 
@@ -256,39 +255,3 @@ def gather_routing_loads(chunks: Sequence[torch.nn.Module], num_layers: int, num
     shares = (table / totals.clamp(min=1e-12)).cpu()
     return {i + 1: shares[i].tolist() for i in range(num_layers) if float(totals[i]) > 0}
 
-
-def save_routing_heatmap(loads: Dict[int, List[float]], out_png: Union[str, os.PathLike],
-                         column_labels: Sequence[str], title: str = "") -> Optional[Path]:
-    """Layers x experts heatmap of routing shares as a PNG; None when matplotlib is missing."""
-    if not loads:
-        return None
-    try:
-        # The object-oriented API: no pyplot, so no global figure state and no GUI backend.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        log.info("matplotlib is not installed; skipping %s", out_png)
-        return None
-    layers = sorted(loads)
-    data = [loads[layer][:len(column_labels)] for layer in layers]
-    fig = Figure(figsize=(2.5 + 0.6 * len(column_labels), 1.4 + 0.45 * len(layers)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    top = max(max(row) for row in data) or 1.0
-    image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=top)
-    ax.set_xticks(range(len(column_labels)), labels=list(column_labels))
-    ax.set_yticks(range(len(layers)), labels=[f"layer {n}" for n in layers])
-    ax.set_xlabel("expert")
-    if len(column_labels) * len(layers) <= 256:
-        for r, row in enumerate(data):
-            for c, value in enumerate(row):
-                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                        color="k" if value > 0.6 * top else "w")
-    fig.colorbar(image, ax=ax, label="share of routing slots")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    return out
