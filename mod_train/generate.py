@@ -4,12 +4,13 @@
         --prompt "Once upon a time" --max-new-tokens 50 [--greedy | --temperature 0.8 --top-p 0.9] --seed 0
 
 Top-k routing looks at the whole sequence, so it cannot be used while sampling. Each MoD layer
-instead routes every new token by its own causal decision (``router.causal_logits(x) > 0``, the
-router's sigmoid or the predictor MLP, trained towards top-k membership):
+instead routes every new token by its own causal decision (``router.causal_decision``: the router's
+logit or the predictor MLP's, trained towards top-k membership, above the layer's threshold calibrated
+during training so that the routed share matches the capacity):
 
 * a routed token runs the layer's block (attention over the earlier tokens routed to this layer,
   rotary embedding at its absolute position, then the MLP), its output is weighted exactly as
-  ``MoDTransformerLayer._combine`` does, and its K/V are appended to this layer's cache;
+  ``MoDTransformerLayer.combine`` does, and its K/V are appended to this layer's cache;
 * a token routed around the layer passes through unchanged and adds nothing to this layer's cache.
 
 This is the same computation as a full-sequence forward with every MoD layer's ``routing`` set to
@@ -39,6 +40,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from mod_train.model.unwrap import MultipleChunksError, unwrap_model
+
 DS_TAG = "state"  # mirrors mod_train.checkpoint.state.DS_TAG
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -49,17 +52,12 @@ class GenerateError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _unwrap(model):
-    """The GPTModel inside a ModelChunks / DeepSpeed engine / list of chunks."""
-    if isinstance(model, (list, tuple, torch.nn.ModuleList)):
-        if len(model) != 1:
-            raise GenerateError(f"generation needs exactly one model chunk (no virtual pipeline), got {len(model)}")
-        model = model[0]
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-        if isinstance(model, (list, tuple, torch.nn.ModuleList)):
-            return _unwrap(model)
-    return model
+def _model_of(model):
+    """The GPTModel inside a ModelChunks / DeepSpeed engine / list of chunks (GenerateError if several)."""
+    try:
+        return unwrap_model(model)
+    except MultipleChunksError as e:
+        raise GenerateError(f"generation: {e}") from e
 
 
 def _mod_layer_class():
@@ -136,7 +134,7 @@ class KVCacheDecoder:
     """
 
     def __init__(self, model, batch_size: int = 1) -> None:
-        self.model = _unwrap(model)
+        self.model = _model_of(model)
         _check_generatable(self.model)
         self.config = self.model.config
         self.batch_size = batch_size
@@ -204,7 +202,7 @@ class KVCacheDecoder:
     def _mod_layer(self, i: int, x: torch.Tensor, pos: int) -> torch.Tensor:
         layer = self.layers[i]
         router_logits = layer.router.scores(x)  # [b, 1]
-        routed = (layer.router.causal_logits(x, router_logits) > 0)[:, 0].cpu()  # [b]
+        routed = layer.router.causal_decision(layer.router.causal_logits(x, router_logits))[:, 0].cpu()  # [b]
         for b, decision in enumerate(routed.tolist()):
             self.decisions[i][b].append(decision)
         rows = routed.nonzero().squeeze(-1)
@@ -214,7 +212,7 @@ class KVCacheDecoder:
         selected = x[:, rows_dev]
         block_out = self._block(i, selected, rows, pos)
         idx = torch.zeros(rows.numel(), 1, dtype=torch.long, device=x.device)
-        out = layer._combine(selected, idx, selected, block_out, router_logits[rows_dev])
+        out = layer.combine(selected, idx, selected, block_out, router_logits[rows_dev])
         return x.index_copy(1, rows_dev, out)
 
     # -------------------------------------------------------------- public
@@ -311,7 +309,7 @@ def generate_batch(model_chunk, cfg, prompts: Sequence[Sequence[int]], max_new_t
                             f"positions), got lengths {sorted({len(p) for p in prompts})}")
     if not 0.0 < top_p <= 1.0:
         raise GenerateError(f"top_p must be in (0, 1], got {top_p}")
-    model = _unwrap(model_chunk)
+    model = _model_of(model_chunk)
     was_training = model.training
     batch = len(prompts)
     decoder = KVCacheDecoder(model, batch_size=batch)  # puts the model in eval mode (no dropout)
@@ -357,22 +355,18 @@ def full_forward_logits(model_chunk, token_ids: Sequence[int]) -> torch.Tensor:
 
     Returns logits [s, padded_vocab] (float32); the MoD layers' routing mode is restored after.
     """
-    model = _unwrap(model_chunk)
-    mod_cls = _mod_layer_class()
-    mod_layers = [m for m in model.modules() if isinstance(m, mod_cls)]
-    saved = [m.routing for m in mod_layers]
+    from mod_train.model.mod import causal_routing
+
+    model = _model_of(model_chunk)
     was_training = model.training
     model.eval()
     try:
-        for m in mod_layers:
-            m.routing = "causal"
-        device = next(model.parameters()).device
-        tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=device)
-        positions = torch.arange(tokens.size(1), device=device).unsqueeze(0)
-        logits = model(tokens, positions, None)  # [1, s, V]
+        with causal_routing([model]):
+            device = next(model.parameters()).device
+            tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=device)
+            positions = torch.arange(tokens.size(1), device=device).unsqueeze(0)
+            logits = model(tokens, positions, None)  # [1, s, V]
     finally:
-        for m, r in zip(mod_layers, saved):
-            m.routing = r
         model.train(was_training)
     return logits[0].float()
 
@@ -495,7 +489,7 @@ def _match_keys(state: dict, wanted: set) -> dict:
 
 
 def load_weights(model, state: dict) -> None:
-    model = _unwrap(model)
+    model = _model_of(model)
     wanted = set(model.state_dict().keys())
     state = _match_keys(state, wanted)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -35,6 +35,14 @@ class ModConfig:
     causal: str = "aux_loss"
     aux_loss_coeff: float = 0.01
     predictor_hidden: int = 0  # 0: hidden_size // 8
+    # Calibrated causal routing: each MoD layer keeps a threshold on its causal logits, a running
+    # estimate (this rate per step; 0 keeps it at 0, i.e. `logit > 0`) of the (1 - capacity)
+    # quantile of the causal logits, so that the causal decision routes the trained share of
+    # tokens. Saved with the model; used by causal validation and mod-generate.
+    threshold_update_rate: float = 0.05
+    # causal=aux_loss: the BCE gradient reaches the router weight AND, through the router's input,
+    # the residual stream. true: the BCE sees a detached input (the weight still learns from it).
+    aux_loss_detach_input: bool = False
 
 
 @dataclass

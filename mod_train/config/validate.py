@@ -222,6 +222,9 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
                  f"model.mod.router_weight must be sigmoid, logit or none, got '{m.mod.router_weight}'.")
         _require(m.mod.causal in ("aux_loss", "predictor"),
                  f"model.mod.causal must be aux_loss or predictor, got '{m.mod.causal}'.")
+        _require(0.0 <= m.mod.threshold_update_rate <= 1.0,
+                 f"model.mod.threshold_update_rate must be in [0, 1] (0: no calibration, the causal decision is "
+                 f"logit > 0), got {m.mod.threshold_update_rate}.")
         mod_caps = caps
         if par.cp > 1:
             raise ConfigError("model.mod with parallel.cp > 1 is not supported: top-k routing needs the whole "

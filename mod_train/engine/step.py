@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mod_train.model.aux_losses import AuxLossRecorder
+from mod_train.model.mod import CausalThresholdCalibrator, causal_routing, mod_layers_of
 
 
 class ChunkView(torch.nn.Module):
@@ -111,15 +112,20 @@ class StepRunner:
             self._tied_weight.ds_pipe_replicated = True
         self.forward_backward = get_forward_backward_func()
         self.forward_step = make_forward_step(aux)
+        chunks = [v.module for v in self.views]
+        self.calibrator = CausalThresholdCalibrator(chunks)
+        self.has_mod = bool(mod_layers_of(chunks))
 
-    def _run(self, data_iterator, forward_only: bool) -> StepMetrics:
+    def _read_batches(self, data_iterator) -> List[dict]:
+        return [next(data_iterator) for _ in range(self.derived.num_microbatches)]
+
+    def _run(self, batches: List[dict], forward_only: bool) -> StepMetrics:
         n_chunks = len(self.views)
         # The step's micro-batches, read once. With virtual pipeline stages megatron's interleaved
         # schedule calls forward_step once per (chunk, micro-batch), each chunk reading its own
         # iterator: chunk c must see micro-batches 0..n-1 in order like every other chunk. (One
         # shared iterator would hand a first-stage rank's chunks alternating micro-batches, so the
         # inputs of the first chunk and the labels of the last would not belong together.)
-        batches = [next(data_iterator) for _ in range(self.derived.num_microbatches)]
         iterators = iter(batches) if n_chunks == 1 else [iter(batches) for _ in range(n_chunks)]
         model = self.views[0] if n_chunks == 1 else self.views
         self.aux.reset()
@@ -188,10 +194,11 @@ class StepRunner:
     def train_step(self, data_iterator) -> StepMetrics:
         for v in self.views:
             v.train()
-        metrics = self._run(data_iterator, forward_only=False)
+        metrics = self._run(self._read_batches(data_iterator), forward_only=False)
         self._sync_tied_embedding_grads()
         metrics.extra["learning rate"] = self.engine.get_lr()[0]  # the LR this update uses
         self.engine.step()
+        self.calibrator.update()
         grad_norm = self.engine.get_global_grad_norm()  # None under ZeRO stage 0 (DeepSpeed keeps it internal)
         if grad_norm is not None:
             metrics.extra["grad norm"] = grad_norm
@@ -199,6 +206,16 @@ class StepRunner:
 
     @torch.no_grad()
     def eval_step(self, data_iterator) -> Dict[str, float]:
+        """Losses of one step's micro-batches. A MoD model is evaluated twice on the same batches:
+        ``lm loss`` with top-k routing (as trained; not causal: a token's routing depends on later
+        tokens) and ``lm loss (causal)`` with each layer's causal decision (the model that samples,
+        comparable with a dense model's causal loss)."""
         for v in self.views:
             v.eval()
-        return self._run(data_iterator, forward_only=True).materialize()
+        batches = self._read_batches(data_iterator)
+        metrics = self._run(batches, forward_only=True).materialize()
+        if self.has_mod:
+            with causal_routing([v.module for v in self.views]):
+                causal = self._run(batches, forward_only=True).materialize()
+            metrics["lm loss (causal)"] = causal["lm loss"]
+        return metrics

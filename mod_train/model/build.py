@@ -34,6 +34,8 @@ def transformer_config(cfg: Config, derived: Derived) -> TransformerConfig:
             # megatron-core requires it for top-1 (a softmax over one selected logit has no gradient).
             moe_router_pre_softmax=m.moe.top_k == 1,
             moe_grouped_gemm=False,
+            # Router logits, softmax and top-k in fp32 whatever the training precision (bf16 logits tie).
+            moe_router_dtype="fp32",
         )
         if m.moe.capacity_factor is not None:
             moe_kwargs["moe_pad_expert_input_to_capacity"] = False

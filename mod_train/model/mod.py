@@ -4,7 +4,7 @@ A MoD layer is megatron-core's TransformerLayer (attention + MLP, or attention +
 top-k tokens of each sequence only:
 
     logits = router(x)                                  # one scalar per token
-    idx    = top-k(logits over the sequence), sorted    # k = round(capacity x seq_len), static
+    idx    = top-k(logits over the sequence), sorted    # k = max(1, round(capacity x seq_len))
     y      = TransformerLayer(x[idx], rope at positions idx)
     out    = x;  out[idx] += w(logits[idx]) * (y - x[idx])   # w: sigmoid / raw logit
     (others skip the layer on the residual stream)
@@ -15,25 +15,53 @@ by the original positions. Top-k is not causal, so for sampling the layer also l
 decision: the router's own sigmoid (``causal=aux_loss``) or a small MLP on a stop-gradient copy
 of the input (``causal=predictor``), both trained with BCE against top-k membership.
 
+Numbers a researcher can trust:
+
+* k comes from the length of the sequence actually seen (training, evaluation, sampling), so a
+  shorter sequence keeps the configured capacity.
+* Router and predictor run in fp32 whatever the training precision (megatron's
+  ``router_gating_linear``, as its MoE router with ``moe_router_dtype=fp32``): in bf16 about half
+  of the logits of a long sequence tie and top-k membership at the boundary would be arbitrary.
+* Every rank of a tensor-parallel group uses the selection of the group's first rank (a broadcast
+  of the indices), so a bit-level difference between ranks can never make them route different
+  tokens and mix slices of different selections.
+* The causal decision is ``causal_logit > threshold``, with a per-layer threshold calibrated while
+  training (a running estimate of the (1 - capacity) quantile of the causal logits, averaged over
+  data-parallel ranks) so that sampling routes the share of tokens the model was trained with;
+  ``logit > 0`` alone routed about 7.5% instead of 12.5% in a trained ``tiny_mod``. The threshold is
+  a buffer of the router: it is saved and resumed with the weights.
+* With ``causal=aux_loss`` the BCE gradient also reaches the residual stream through the router's
+  input; ``model.mod.aux_loss_detach_input=true`` feeds the BCE a detached input instead.
+
 Under sequence parallelism the layer input is split over TP ranks along the sequence; the router
 and top-k need the whole sequence, so the input is gathered, routing is computed identically on
-every TP rank, and the k selected tokens are split again for the block (k must divide by TP).
+every TP rank (the first TP rank's selection is used by all), and the k selected tokens are split
+again for the block (padded to a multiple of TP where k does not divide).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterable, Iterator, List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.transformer.moe.moe_utils import router_gating_linear
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from mod_train.config.schema import ModConfig
+from mod_train.model.moe import ensure_router_gemm_fallback
 
 
 # ----------------------------------------------------------------------------- routing primitives
+def routed_count(capacity: float, seq_len: int) -> int:
+    """k, the number of tokens a MoD layer of this capacity routes in a sequence of ``seq_len``."""
+    return max(1, round(capacity * seq_len))
+
+
 def topk_indices(logits: torch.Tensor, k: int) -> torch.Tensor:
     """[b, s] router logits -> [b, k] indices of the top-k tokens, in sequence order."""
     return torch.topk(logits, k, dim=1, sorted=False).indices.sort(dim=1).values
@@ -62,6 +90,46 @@ def gather_rope(rotary_pos_emb: Optional[torch.Tensor], idx: torch.Tensor) -> Op
     return table[idx].transpose(0, 1).unsqueeze(2)  # [k, b, 1, d]
 
 
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """x [n, ...] extended to a multiple of ``multiple`` rows by repeating its last row."""
+    pad = (-x.size(0)) % multiple
+    if pad == 0:
+        return x
+    return torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+
+
+def quantile_threshold(values: torch.Tensor, share: float) -> torch.Tensor:
+    """The threshold above which ``share`` of ``values`` lie: midway between the m-th and (m+1)-th
+    largest value, m = round(share x n) (a 0-dim fp32 tensor; no host sync)."""
+    flat = values.detach().reshape(-1).float()
+    n = flat.numel()
+    if n == 1:
+        return flat[0]
+    m = min(max(round(share * n), 1), n - 1)
+    top = torch.topk(flat, m + 1).values
+    return (top[m - 1] + top[m]) / 2
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: megatron's ``router_gating_linear``
+    reshapes its incoming gradient with ``.view``, which fails on the transposed gradient of our
+    [s, b] -> [b, s] logits."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) computed in fp32 from bf16 (or fp32) operands, keeping only the
+    low-precision operands for backward (megatron's MoE router gating)."""
+    return _ContiguousGrad.apply(router_gating_linear(x, weight, bias, torch.float32))
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """Identity on ``x`` whose backward also sends gradient ``scale`` into ``aux_loss``.
 
@@ -83,28 +151,48 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- the router
 class MoDRouter(torch.nn.Module):
-    """Token scores for top-k, plus the causal decision used at sampling time."""
+    """Token scores for top-k, plus the causal decision used at sampling time (all in fp32)."""
 
     def __init__(self, hidden: int, mod: ModConfig, init_std: float):
         super().__init__()
+        ensure_router_gemm_fallback()  # router_gating_linear without Transformer Engine
         self.weight_kind = mod.router_weight
         self.causal_kind = mod.causal
+        self.detach_aux_input = mod.causal == "aux_loss" and mod.aux_loss_detach_input
+        self.threshold_update_rate = mod.threshold_update_rate
         self.linear = torch.nn.Linear(hidden, 1, bias=False)
         torch.nn.init.normal_(self.linear.weight, std=init_std)
         self.predictor: Optional[torch.nn.Sequential] = None
         if mod.causal == "predictor":
             ph = mod.predictor_hidden or max(hidden // 8, 1)
             self.predictor = torch.nn.Sequential(torch.nn.Linear(hidden, ph), torch.nn.SiLU(), torch.nn.Linear(ph, 1))
+        # The calibrated causal threshold (see the module docstring); a buffer, so it is saved,
+        # loaded and resharded with the weights.
+        self.register_buffer("causal_threshold", torch.zeros((), dtype=torch.float32))
+        self._observed: List[torch.Tensor] = []  # this step's quantile estimates (one per micro-batch)
+
+    def _apply(self, fn, recurse=True):
+        # DeepSpeed/megatron cast the module to bf16 once at start; the threshold is compared with
+        # fp32 logits and moves by small steps, so it stays fp32 (it is 0 when the cast happens).
+        super()._apply(fn, recurse)
+        self._buffers["causal_threshold"] = self._buffers["causal_threshold"].float()
+        return self
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """x [s, b, h] -> logits [b, s] (fp32 for a stable top-k)."""
-        return self.linear(x).squeeze(-1).transpose(0, 1).float()
+        """x [s, b, h] -> fp32 logits [b, s] (fp32 matmul of the bf16 input and weight)."""
+        return fp32_linear(x, self.linear.weight).squeeze(-1).transpose(0, 1)
 
     def causal_logits(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """Logits of 'this token is routed', computable token by token. [b, s]."""
+        """Logits of 'this token is routed', computable token by token. [b, s] fp32."""
         if self.predictor is None:
-            return router_logits
-        return self.predictor(x.detach()).squeeze(-1).transpose(0, 1).float()
+            return self.scores(x.detach()) if self.detach_aux_input else router_logits
+        first, act, last = self.predictor
+        hidden = act(fp32_linear(x.detach(), first.weight, first.bias))
+        return F.linear(hidden, last.weight.float(), last.bias.float()).squeeze(-1).transpose(0, 1)
+
+    def causal_decision(self, causal_logits: torch.Tensor) -> torch.Tensor:
+        """Bool [b, s]: routed by the calibrated causal decision."""
+        return causal_logits > self.causal_threshold
 
     def block_weight(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
         if self.weight_kind == "sigmoid":
@@ -112,6 +200,24 @@ class MoDRouter(torch.nn.Module):
         if self.weight_kind == "logit":
             return logits
         return None
+
+    def observe(self, causal_logits: torch.Tensor, share: float) -> None:
+        """Training forward: remember the threshold that would have routed ``share`` of these tokens."""
+        if self.threshold_update_rate > 0:
+            self._observed.append(quantile_threshold(causal_logits, share))
+
+    def take_observed(self) -> Optional[torch.Tensor]:
+        """Mean of this step's observations (None if none), and forget them."""
+        if not self._observed:
+            return None
+        mean = torch.stack(self._observed).mean()
+        self._observed = []
+        return mean
+
+    @torch.no_grad()
+    def update_threshold(self, target: torch.Tensor) -> None:
+        rate = self.threshold_update_rate
+        self.causal_threshold.mul_(1.0 - rate).add_(rate * target.to(self.causal_threshold))
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -124,7 +230,6 @@ class MoDTransformerLayer(TransformerLayer):
                          hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage)
         mod = mod or ModConfig(enabled=True)
         self.capacity = capacity
-        self.k = max(1, round(capacity * seq_length))
         self.aux_loss_coeff = mod.aux_loss_coeff
         # Set by the trainer to 1/num_microbatches so the auxiliary gradient matches the LM loss's.
         self.aux_loss_scale = 1.0
@@ -140,8 +245,22 @@ class MoDTransformerLayer(TransformerLayer):
     def routing_stats(self) -> dict:
         return {k: float(v) for k, v in self._stats.items()}
 
+    def k_for(self, seq_len: int) -> int:
+        """Tokens routed in a sequence of ``seq_len`` (derived at every forward, not from the config)."""
+        return routed_count(self.capacity, seq_len)
+
     def _sequence_parallel(self) -> bool:
         return self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1
+
+    def _agree(self, decision: torch.Tensor) -> torch.Tensor:
+        """The tensor-parallel group's first rank's copy of a routing decision, on every TP rank."""
+        if self.config.tensor_model_parallel_size == 1 or not dist.is_initialized():
+            return decision
+        from megatron.core import parallel_state as ps
+
+        wire = decision.to(torch.uint8) if decision.dtype == torch.bool else decision.contiguous()
+        dist.broadcast(wire, src=ps.get_tensor_model_parallel_src_rank(), group=self.tp_group)
+        return wire.bool() if decision.dtype == torch.bool else wire
 
     def forward(self, hidden_states: torch.Tensor, *args, rotary_pos_emb=None, **kwargs):
         sp = self._sequence_parallel()
@@ -159,13 +278,20 @@ class MoDTransformerLayer(TransformerLayer):
         return out, None
 
     def _block(self, selected: torch.Tensor, rope, *args, **kwargs) -> torch.Tensor:
-        sp = self._sequence_parallel()
-        if sp:
-            selected = tensor_parallel.scatter_to_sequence_parallel_region(selected)
+        if not self._sequence_parallel():
+            out, _ = super().forward(selected, *args, rotary_pos_emb=rope, **kwargs)
+            return out
+        # Sequence parallel splits the routed tokens over TP ranks. A count that does not divide
+        # (a shorter sequence, causal routing) is padded with copies of the last token placed after
+        # every real one: causal attention keeps them invisible, and their outputs are dropped.
+        n, tp = selected.size(0), self.config.tensor_model_parallel_size
+        selected = pad_to_multiple(selected, tp)
+        if rope is not None:
+            rope = pad_to_multiple(rope, tp)
+        selected = tensor_parallel.scatter_to_sequence_parallel_region(selected)
         out, _ = super().forward(selected, *args, rotary_pos_emb=rope, **kwargs)
-        if sp:
-            out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
-        return out
+        out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+        return out[:n]
 
     def _weighted_update(self, selected, block_out, sel_logits) -> Optional[torch.Tensor]:
         """The block's update of the routed tokens scaled by their router weight [k, b, h]
@@ -175,14 +301,18 @@ class MoDTransformerLayer(TransformerLayer):
             return None
         return (block_out - selected) * weight.transpose(0, 1).unsqueeze(-1).to(block_out.dtype)
 
-    def _combine(self, x, idx, selected, block_out, sel_logits) -> torch.Tensor:
+    def combine(self, x, idx, selected, block_out, sel_logits) -> torch.Tensor:
+        """x [s, b, h] with the routed rows ``idx`` [b, k] updated from the block's output: the
+        router-weighted update added to ``selected`` (or the output itself without weighting)."""
         delta = self._weighted_update(selected, block_out, sel_logits)
         if delta is None:
             return scatter_tokens(x, idx, block_out, add=False)
         return scatter_tokens(x, idx, delta, add=True)
 
     def _forward_topk(self, x, logits, rotary_pos_emb, *args, **kwargs) -> torch.Tensor:
-        if self.k == x.size(0):
+        s = x.size(0)
+        k = self.k_for(s)
+        if k == s:
             # Capacity 1.0: top-k keeps every token in order, so gather/scatter are the identity;
             # skipping them gives the same numbers at the cost of the dense layer plus the router.
             block_out = self._block(x, rotary_pos_emb, *args, **kwargs)
@@ -190,10 +320,10 @@ class MoDTransformerLayer(TransformerLayer):
             out = block_out if delta is None else x + delta.to(x.dtype)
             target = torch.ones_like(logits)
         else:
-            idx = topk_indices(logits, self.k)
+            idx = self._agree(topk_indices(logits, k))
             selected = gather_tokens(x, idx)
             block_out = self._block(selected, gather_rope(rotary_pos_emb, idx), *args, **kwargs)
-            out = self._combine(x, idx, selected, block_out, torch.gather(logits, 1, idx))
+            out = self.combine(x, idx, selected, block_out, torch.gather(logits, 1, idx))
             # Top-k membership, the target of the causal decision (carries no gradient).
             target = torch.zeros_like(logits).scatter_(1, idx, 1.0)
 
@@ -201,12 +331,13 @@ class MoDTransformerLayer(TransformerLayer):
         aux = F.binary_cross_entropy_with_logits(causal, target)
         if self.training and torch.is_grad_enabled():
             out = _AttachAuxLoss.apply(out, aux, self.aux_loss_coeff * self.aux_loss_scale)
-        self._record(causal.detach(), target, aux.detach())
+            self.router.observe(causal, k / s)
+        self._record(causal.detach(), target, aux.detach(), k / s)
         return out
 
     def _forward_causal(self, x, logits, rotary_pos_emb, *args, **kwargs) -> torch.Tensor:
         """Route each token by its own causal decision (variable count per sequence)."""
-        decide = self.router.causal_logits(x, logits) > 0
+        decide = self._agree(self.router.causal_decision(self.router.causal_logits(x, logits)))
         outs = []
         for b in range(x.size(1)):
             idx = decide[b].nonzero().squeeze(-1).unsqueeze(0)  # [1, k_b]
@@ -216,19 +347,71 @@ class MoDTransformerLayer(TransformerLayer):
                 continue
             selected = gather_tokens(xb, idx)
             block_out = self._block(selected, gather_rope(rotary_pos_emb, idx), *args, **kwargs)
-            outs.append(self._combine(xb, idx, selected, block_out, torch.gather(logits[b: b + 1], 1, idx)))
+            outs.append(self.combine(xb, idx, selected, block_out, torch.gather(logits[b: b + 1], 1, idx)))
         return torch.cat(outs, dim=1)
 
-    def _record(self, causal_logits: torch.Tensor, target: torch.Tensor, aux: torch.Tensor) -> None:
-        decision = (causal_logits > 0).float()
+    def _record(self, causal_logits: torch.Tensor, target: torch.Tensor, aux: torch.Tensor, share: float) -> None:
+        """How well the causal decision (what sampling runs) matches top-k (what training runs)."""
+        decision = self.router.causal_decision(causal_logits).float()
+        hits = (decision * target).sum()
+        prefix = f"mod/layer{self.layer_number}"
+        routed_frac = decision.mean()
         self._stats = {
-            f"mod/layer{self.layer_number}/causal_routed_frac": decision.mean(),
-            f"mod/layer{self.layer_number}/causal_acc": (decision == target).float().mean(),
-            f"mod/layer{self.layer_number}/aux_loss": aux,
+            f"{prefix}/causal_routed_frac": routed_frac,
+            # 1.0: sampling routes as many tokens as training did (capacity = k / s)
+            f"{prefix}/causal_routed_vs_capacity": routed_frac / share,
+            f"{prefix}/causal_precision": hits / decision.sum().clamp(min=1.0),
+            f"{prefix}/causal_recall": hits / target.sum().clamp(min=1.0),
+            f"{prefix}/causal_acc": (decision == target).float().mean(),
+            f"{prefix}/causal_threshold": self.router.causal_threshold.detach().clone(),
+            f"{prefix}/aux_loss": aux,
         }
         if self._recorder is not None:
             for name, value in self._stats.items():
                 self._recorder.record(name, value)
+
+
+def mod_layers_of(modules: Iterable[torch.nn.Module]) -> List[MoDTransformerLayer]:
+    """Every MoD layer inside ``modules`` (model chunks, engines, ...), in order."""
+    return [m for module in modules for m in module.modules() if isinstance(m, MoDTransformerLayer)]
+
+
+@contextlib.contextmanager
+def causal_routing(modules: Iterable[torch.nn.Module]) -> Iterator[List[MoDTransformerLayer]]:
+    """Within the block every MoD layer routes by its causal decision (the model that samples)."""
+    layers = mod_layers_of(modules)
+    saved = [layer.routing for layer in layers]
+    for layer in layers:
+        layer.routing = "causal"
+    try:
+        yield layers
+    finally:
+        for layer, routing in zip(layers, saved):
+            layer.routing = routing
+
+
+class CausalThresholdCalibrator:
+    """After each optimizer step, moves every MoD layer's causal threshold towards the mean of the
+    step's observed (1 - capacity) quantiles, averaged over data-parallel ranks: one small
+    all-reduce per step, no host sync. Every data-parallel rank must call ``update()`` each step."""
+
+    def __init__(self, modules: Iterable[torch.nn.Module]):
+        self.routers = [layer.router for layer in mod_layers_of(modules)
+                        if layer.router.threshold_update_rate > 0]
+
+    def update(self) -> None:
+        observed = [router.take_observed() for router in self.routers]
+        if not self.routers or any(o is None for o in observed):
+            return
+        targets = torch.stack(observed)
+        if dist.is_initialized():
+            from megatron.core import parallel_state as ps
+
+            if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
+                dist.all_reduce(targets, group=ps.get_data_parallel_group())
+                targets /= ps.get_data_parallel_world_size()
+        for router, target in zip(self.routers, targets):
+            router.update_threshold(target)
 
 
 def mod_layer_spec(base: ModuleSpec, capacity: float, mod: ModConfig, seq_length: int) -> ModuleSpec:

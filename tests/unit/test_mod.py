@@ -65,9 +65,9 @@ def test_router_gets_gradient_and_unrouted_tokens_pass_through(megatron_tp1):
     out, _ = mod(x, attention_mask=None, rotary_pos_emb=rope_table(cfg))
     out.pow(2).sum().backward()
     assert mod.router.linear.weight.grad is not None and mod.router.linear.weight.grad.abs().sum() > 0
-    idx = topk_indices(mod.router.scores(x.detach()), mod.k)
+    idx = topk_indices(mod.router.scores(x.detach()), mod.k_for(S))
     routed = torch.zeros(B, S, dtype=torch.bool).scatter_(1, idx, True).t()  # [S, B]
-    assert mod.k == 4
+    assert mod.k_for(S) == 4
     assert torch.equal(out[~routed], x.detach()[~routed])  # skipped tokens ride the residual stream
     assert not torch.allclose(out[routed], x.detach()[routed])
 
