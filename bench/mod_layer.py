@@ -28,9 +28,9 @@ def setup(tp: int = 1):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not torch.cuda.is_available():
-        from mod_train.distributed.cpu_compat import apply_cpu_compat
+        from mod_train.compat import apply_cpu_patches
 
-        apply_cpu_compat()
+        apply_cpu_patches()
     # One process: an in-memory store, no rendezvous port.
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
                             world_size=1)

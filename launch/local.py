@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 from typing import List, Optional, Sequence
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mod_train.distributed.world import free_port
 
 
 def torchrun_command(nproc: int, overrides: Sequence[str], master_port: Optional[int] = None) -> List[str]:
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", str(nproc), "--nnodes", "1",
-        "--master-addr", "127.0.0.1", "--master-port", str(master_port or _free_port()),
+        "--master-addr", "127.0.0.1", "--master-port", str(master_port or free_port()),
         "-m", "mod_train.train", *overrides,
     ]
 

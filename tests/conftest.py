@@ -1,7 +1,6 @@
 """Shared fixtures. Multi-process helpers live in tests/helpers.py."""
 
 import os
-import socket
 
 import pytest
 
@@ -11,15 +10,13 @@ def world_of_one():
     """A real gloo process group of one rank, with the CPU adaptations applied (once per session)."""
     import torch.distributed as dist
 
-    from mod_train.distributed.cpu_compat import apply_cpu_compat
+    from mod_train.compat import apply_cpu_patches
+    from mod_train.distributed.world import free_port
 
-    apply_cpu_compat()
+    apply_cpu_patches()
     if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
+        os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield
 

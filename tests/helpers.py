@@ -10,18 +10,12 @@ rank raises in the caller with that rank's traceback; a hang is killed after ``t
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from datetime import timedelta
 from typing import Any, Callable, List
 
-
-def free_port() -> int:
-    """A localhost TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mod_train.distributed.world import free_port  # noqa: F401  (re-exported for tests)
 
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple,

@@ -30,6 +30,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from mod_train.distributed.world import barrier
+from mod_train.model.unwrap import unwrap_model
+
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"  # sub-directory of iter_N/ written by save_model
@@ -49,19 +52,8 @@ def sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
     (``decoder.layers.3.``) instead of stacked along a leading layer axis, because MoD layers carry
     a router that dense layers do not have (a stacked tensor would have holes).
     """
-    return {_chunk_key(i): _unwrap(c).sharded_state_dict(metadata={"non_homogeneous_layers": True})
+    return {_chunk_key(i): unwrap_model(c).sharded_state_dict(metadata={"non_homogeneous_layers": True})
             for i, c in enumerate(chunks)}
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module") and not hasattr(module, "sharded_state_dict"):
-        module = module.module
-    return module
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rank() -> int:
@@ -80,14 +72,14 @@ def save_model(chunks: Sequence[torch.nn.Module], directory: Union[str, Path], i
     directory = Path(directory)
     if _rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     state = sharded_state_dict(chunks)
     if extra:
         state.update(extra)
     dist_checkpointing.save(state, str(directory), sharded_strategy=_sync_save_strategy())
     if _rank() == 0 and info is not None:
         (directory / _INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
-    _barrier()
+    barrier()
     return directory
 
 
@@ -148,7 +140,7 @@ def load_model(chunks: Sequence[torch.nn.Module], directory: Union[str, Path], s
     loaded = dist_checkpointing.load(sharded_state_dict(chunks), str(directory))
     for i, chunk in enumerate(chunks):
         state = loaded[_chunk_key(i)]
-        missing, unexpected = _unwrap(chunk).load_state_dict(state, strict=False)
+        missing, unexpected = unwrap_model(chunk).load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
         if strict and (missing or unexpected):
@@ -316,11 +308,11 @@ def save_optimizer(engine, chunks: Sequence[torch.nn.Module], directory: Union[s
     directory = Path(directory)
     if _rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     with gathered_params(engine):
         entries, _ = _optimizer_request(chunks, get_optimizer_state(engine, chunks))
         dist_checkpointing.save(entries, str(directory), sharded_strategy=_sync_save_strategy())
-    _barrier()
+    barrier()
     return directory
 
 

@@ -21,9 +21,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from mod_train.checkpoint.layout import CheckpointDir, read_metadata
+from mod_train.distributed.world import barrier
 
 DS_TAG = "state"  # DeepSpeed's sub-directory inside iter_N/
 MODEL_DIR = "model"  # layout-free weights (model_io.save_model)
@@ -67,11 +67,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 class Checkpointer:
     def __init__(self, root: Path, keep_last: int, rank: int, layout: Optional[dict] = None):
         self.dir = CheckpointDir(root)
@@ -83,7 +78,7 @@ class Checkpointer:
     def save(self, engine, state: TrainState, metadata: dict) -> Path:
         if self.rank == 0:
             staging = self.dir.begin(state.step)
-        _barrier()
+        barrier()
         staging = self.dir.staging_dir(state.step)
         engine.save_checkpoint(str(staging), tag=DS_TAG, client_state={"train_state": asdict(state)},
                                save_latest=False)
@@ -91,14 +86,14 @@ class Checkpointer:
         rng_dir = staging / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), rng_dir / f"rank_{self.rank:05d}.pt")
-        _barrier()
+        barrier()
         final = self.dir.final_dir(state.step)
         if self.rank == 0:
             record = {**metadata, "train_state": asdict(state)}
             if self.layout:
                 record["layout"] = self.layout
             final = self.dir.commit(state.step, record, keep_last=self.keep_last)
-        _barrier()
+        barrier()
         return final
 
     def _save_layout_free(self, engine, staging: Path, state: TrainState, metadata: dict) -> None:

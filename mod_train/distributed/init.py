@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -11,7 +10,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from mod_train.compat import apply_cpu_patches
 from mod_train.config.schema import ParallelConfig
+from mod_train.distributed.world import default_device, free_port
 
 
 @dataclass(frozen=True)
@@ -27,37 +28,27 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_env_for_single_process() -> None:
     """Allow `python -m mod_train.train` without torchrun: a world of one on localhost."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -> DistEnv:
     """Start torch.distributed (via DeepSpeed, so its comm layer is set up too) and parallel_state."""
     import deepspeed
 
-    from mod_train.distributed.cpu_compat import apply_cpu_compat
-
     ensure_env_for_single_process()
     has_cuda = torch.cuda.is_available()
     if not has_cuda:
-        apply_cpu_compat()
+        apply_cpu_patches()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = default_device()
     if has_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        torch.cuda.set_device(device)
     backend = "nccl" if has_cuda else "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))

@@ -25,9 +25,9 @@ def _init() -> tuple:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not torch.cuda.is_available():
-        from mod_train.distributed.cpu_compat import apply_cpu_compat
+        from mod_train.compat import apply_cpu_patches
 
-        apply_cpu_compat()
+        apply_cpu_patches()
     made_pg = made_ps = False
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:

@@ -40,16 +40,11 @@ log = logging.getLogger(__name__)
 
 def ensure_router_gemm_fallback() -> None:
     """Without Transformer Engine megatron's router references an unbound ``te_general_gemm``
-    (NameError in every MoE router, CPU or GPU). Apply the named cpu_compat patch that binds it
-    to None (upstream's own torch.mm fallback) whenever TE is absent, not only on CPU."""
-    try:
-        import transformer_engine  # noqa: F401
-        return
-    except ImportError:
-        pass
-    from mod_train.distributed.cpu_compat import PATCHES
+    (NameError in every MoE router, CPU or GPU). The compat registry's no-TE patches bind it to
+    None (upstream's own torch.mm fallback) whenever TE is absent, not only on CPU."""
+    from mod_train.compat import apply_missing_te_patches
 
-    next(p for p in PATCHES if p.name == "moe-te-general-gemm").apply()
+    apply_missing_te_patches()
 
 
 # ----------------------------------------------------------------------------- router
@@ -254,4 +249,3 @@ def gather_routing_loads(chunks: Sequence[torch.nn.Module], num_layers: int, num
     totals = table.sum(dim=1, keepdim=True)
     shares = (table / totals.clamp(min=1e-12)).cpu()
     return {i + 1: shares[i].tolist() for i in range(num_layers) if float(totals[i]) > 0}
-

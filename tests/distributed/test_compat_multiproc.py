@@ -283,9 +283,9 @@ def _moe(rank: int, dispatcher: str) -> dict:
 def _all_scenarios(rank: int, world_size: int) -> dict:
     import time
 
-    from mod_train.distributed.cpu_compat import apply_cpu_compat
+    from mod_train.compat import apply_cpu_patches
 
-    apply_cpu_compat()
+    apply_cpu_patches()
     out, seconds = {}, {}
     for key, fn in [("tp", _dense_tp), ("pp", _dense_pp),
                     ("ep_allgather", partial(_moe, dispatcher="allgather")),

@@ -19,11 +19,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Dict, List
+
+from mod_train.distributed.world import free_port
 
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun")
 
@@ -34,12 +35,6 @@ class SlurmUnavailable(RuntimeError):
 
 class SlurmStartError(RuntimeError):
     """Slurm is installed but the cluster did not come up: a failure, not a reason to skip."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _missing_binaries() -> List[str]:
@@ -124,8 +119,8 @@ ClusterName=modtest
 SlurmctldHost={self.node}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire also delays a requeued job (begin time = requeue + cred_expire + 1 s; default 120 s).

@@ -1,5 +1,6 @@
-"""mod_train.distributed.cpu_compat: upstream checks, idempotence, RNG tracker semantics, and a
-single-process (gloo, world size 1) megatron GPTModel forward+backward on CPU."""
+"""mod_train.compat: the registry (families, when each patch applies), upstream checks,
+idempotence, RNG tracker semantics, and a single-process (gloo, world size 1) megatron GPTModel
+forward+backward on CPU."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import logging
 import pytest
 import torch
 
-from mod_train.distributed import cpu_compat
-from mod_train.distributed.cpu_compat import PATCHES, UpstreamChanged, apply_cpu_compat
+from mod_train import compat
+from mod_train.compat import PATCHES, Family, Patch, PatchRegistry, UpstreamChanged, apply_cpu_patches
+from mod_train.compat.patch import is_marked
+from mod_train.compat.rng import FORK_WARNING, DropForkCpuRngWarning
+from mod_train.compat.torch_shim import CPU_TORCH
+from mod_train.distributed.world import default_device
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only adapter")
 
@@ -18,8 +23,8 @@ ALL_NAMES = tuple(p.name for p in PATCHES)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compat():
-    return apply_cpu_compat()
+def cpu_patches():
+    return apply_cpu_patches()
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +55,12 @@ def test_upstream_check_passes(patch):
 
 
 def test_patch_names_unique_and_documented():
-    assert len(set(ALL_NAMES)) == len(ALL_NAMES)
-    assert all(p.target for p in PATCHES)
+    assert len(set(ALL_NAMES)) == len(ALL_NAMES) == 18
+    assert all(p.target and isinstance(p.family, Family) for p in PATCHES)
+    # The one adaptation that is not about the CPU is named as such, and only it.
+    assert [(p.name, p.family) for p in PATCHES if not p.cpu_only] == [("moe-te-general-gemm", Family.no_te)]
+    assert {p.family for p in PATCHES} == set(Family)
+    assert sum(p.name.startswith("cuda-device:") for p in PATCHES) == 10  # the device-site table
 
 
 def test_upstream_check_fails_loudly_when_upstream_changes(monkeypatch):
@@ -72,43 +81,62 @@ def test_upstream_check_fails_loudly_when_upstream_changes(monkeypatch):
         patch.upstream_check()
 
 
-def test_apply_is_idempotent(compat):
+def test_apply_is_idempotent(cpu_patches):
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.tensor_parallel import random
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    assert compat == ALL_NAMES
+    assert cpu_patches == ALL_NAMES
     setup = LanguageModule.setup_embeddings_and_output_layer
     norm_new = WrappedTorchNorm.__new__
-    assert apply_cpu_compat() == ALL_NAMES
-    assert apply_cpu_compat() == cpu_compat.applied_patches() == ALL_NAMES
+    assert apply_cpu_patches() == ALL_NAMES
+    assert apply_cpu_patches() == compat.applied_patches() == ALL_NAMES
+    assert compat.apply_missing_te_patches() == ("moe-te-general-gemm",)  # already in effect
+    assert compat.applied_patches() == ALL_NAMES
     # Nothing wrapped twice.
     assert LanguageModule.setup_embeddings_and_output_layer is setup
-    assert not getattr(setup.__wrapped__, "_cpu_compat", False)
+    assert not is_marked(setup.__wrapped__)
     assert WrappedTorchNorm.__new__ is norm_new
-    assert random.torch is cpu_compat._CPU_TORCH
+    assert random.torch is CPU_TORCH
     filters = logging.getLogger(random.__name__).filters
-    assert sum(isinstance(f, cpu_compat._DropForkCpuRngWarning) for f in filters) == 1
+    assert sum(isinstance(f, DropForkCpuRngWarning) for f in filters) == 1
 
 
-def test_apply_does_nothing_when_cuda_is_available(monkeypatch):
+def _recording_registry(setup: dict):
+    """The real patch list with applies that only record, on a setup the test controls."""
     applied = []
-    monkeypatch.setattr(cpu_compat, "_APPLIED", [])
-    monkeypatch.setattr(cpu_compat, "PATCHES", tuple(
-        cpu_compat.Patch(p.name, p.target, lambda n=p.name: applied.append(n), p.upstream_check)
-        for p in PATCHES))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert apply_cpu_compat() == ()
-    assert applied == []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert apply_cpu_compat() == ALL_NAMES and applied == list(ALL_NAMES)
+    patches = [Patch(p.name, p.family, p.target, lambda n=p.name: applied.append(n), p.upstream_check,
+                     p.cpu_only) for p in PATCHES]
+    return PatchRegistry(patches, cuda_available=lambda: setup["cuda"],
+                         te_available=lambda: setup["te"]), applied
+
+
+def test_gpu_with_te_patches_nothing_gpu_without_te_only_the_no_te_family():
+    setup = {"cuda": True, "te": True}
+    registry, applied = _recording_registry(setup)
+    assert registry.apply_cpu() == () and registry.apply_missing_te() == () and applied == []
+    setup["te"] = False  # a GPU image without Transformer Engine
+    assert registry.apply_cpu() == ()
+    assert registry.apply_missing_te() == ("moe-te-general-gemm",)
+    assert applied == ["moe-te-general-gemm"] and registry.applied() == ("moe-te-general-gemm",)
+    setup["cuda"] = False  # CPU: everything, each once
+    assert registry.apply_cpu() == registry.applied() == ALL_NAMES  # registry order
+    assert sorted(applied) == sorted(ALL_NAMES) and len(applied) == len(ALL_NAMES)
+
+
+def test_registry_refuses_duplicate_names_and_names_unknown_ones():
+    with pytest.raises(ValueError, match="duplicate"):
+        PatchRegistry([PATCHES[0], PATCHES[0]])
+    with pytest.raises(KeyError, match="rng-state"):
+        compat.REGISTRY.get("no-such-patch")
+    assert compat.REGISTRY.get("rng-state") is PATCHES[0]
 
 
 def test_default_device(monkeypatch):
-    assert cpu_compat.default_device() == torch.device("cpu")
+    assert default_device() == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert cpu_compat.default_device() == torch.device("cuda", 3)
+    assert default_device() == torch.device("cuda", 3)
 
 
 # ------------------------------------------------------------------ the CPU torch namespace
@@ -118,7 +146,7 @@ def test_patched_modules_see_cpu_as_the_cuda_device():
     from megatron.core.transformer.utils import get_default_causal_mask
     from megatron.core.utils import GlobalMemoryBuffer
 
-    t = cpu_compat._CPU_TORCH
+    t = CPU_TORCH
     assert t.zeros(2, device="cuda").device.type == "cpu"
     assert t.empty(2, device=torch.device("cuda", 1)).device.type == "cpu"
     assert t.ones(2, device=0).device.type == "cpu"  # a bare ordinal means a CUDA device
@@ -212,7 +240,7 @@ def test_fork_restores_the_default_cpu_generator(caplog):
             torch.nn.functional.dropout(torch.ones(8), p=0.5, training=True)
     assert torch.equal(torch.get_rng_state(), before)
     assert not torch.equal(inside, torch.rand(3))
-    assert cpu_compat._FORK_WARNING not in caplog.text
+    assert FORK_WARNING not in caplog.text
 
 
 def test_model_parallel_seed_depends_on_tp_rank():

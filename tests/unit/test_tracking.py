@@ -17,6 +17,7 @@ from mod_train.tracking import (
     MetricsJsonl, MlflowTracker, default_tracking_uri, flatten_config, format_log_line,
     plot_loss_vs_flops, read_metrics,
 )
+from mod_train.distributed.world import free_port
 from mod_train.tracking.mlflow_run import MAX_RETRIES_ENV, TIMEOUT_ENV
 from tests.mlflow_server import kill_server, start_server
 
@@ -46,12 +47,6 @@ def http_env():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-def _free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _outage_warnings(caplog) -> int:
@@ -172,7 +167,7 @@ def test_disabled_tracker_does_nothing():
 
 def test_unreachable_server_never_raises_and_warns_once(http_env, caplog):
     caplog.set_level(logging.WARNING, logger=LOGGER)
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     # retry_interval_s=0: every call really tries the server, so each must be fast on its own.
     tracker = MlflowTracker(uri, "down", request_timeout_s=1, retry_interval_s=0)
     t0 = time.monotonic()
@@ -216,7 +211,7 @@ def test_server_outages_before_and_after_start(tmp_path, http_env, caplog):
     from mlflow import MlflowClient
 
     caplog.set_level(logging.INFO, logger=LOGGER)
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     tracker = MlflowTracker(uri, "outages", run_name="srv", request_timeout_s=2, retry_interval_s=0.2)
 
