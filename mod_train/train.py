@@ -24,8 +24,6 @@ from mod_train.config.validate import ConfigError, Derived, validate
 
 log = logging.getLogger("mod_train")
 
-# Config keys that may change when a stopped run is resumed (logged as tags, not params).
-PER_INVOCATION_KEYS = ("train.exit_interval", "checkpoint.resume")
 # loss_vs_flops.png is redrawn at checkpoints at most this often (and at the end of each invocation).
 LOSS_PLOT_INTERVAL_S = 300.0
 
@@ -161,7 +159,7 @@ class Trainer:
         self._flops_counted_to_step = self.state.step
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         self.peak_tflops = cfg.train.peak_tflops or peak_tflops_for(device_name)
-        self.tracker, self.metrics_file = self._start_tracking()
+        self.run_logger = self._start_tracking()
 
     # ------------------------------------------------------------------ tracking
     def _info(self, msg: str) -> None:
@@ -169,37 +167,21 @@ class Trainer:
             print(msg, flush=True)
 
     def _start_tracking(self):
-        from mod_train.tracking.metrics_jsonl import MetricsJsonl
-        from mod_train.tracking import MlflowTracker, flatten_config
+        from omegaconf import OmegaConf
 
-        t = self.cfg.tracking
-        tracker = MlflowTracker(tracking_uri=t.tracking_uri, experiment=t.experiment,
-                                run_name=t.run_name or Path(self.cfg.train.run_dir).name,
-                                run_id=self.state.mlflow_run_id, enabled=t.enabled and self.env.is_main)
-        tracker.start()
-        if self.env.is_main:
-            params = flatten_config(to_plain_dict(self.cfg))
-            # Keys that differ between the invocations of one run (stop, then resume) are tags:
-            # MLflow params are immutable.
-            per_invocation = {k: params.pop(k) for k in PER_INVOCATION_KEYS if k in params}
-            tracker.log_params(params)
-            tracker.set_tags({f"invocation.{k}": v for k, v in per_invocation.items()})
-            tracker.set_tags({
-                "model.family": self._family(),
-                "layout": f"tp{self.cfg.parallel.tp}_pp{self.cfg.parallel.pp}_ep{self.cfg.parallel.ep}_dp{self.derived.dp}_zero{self.cfg.parallel.zero_stage}",
-                "flops_per_token": f"{self.flops_per_token:.6g}",
-                "world_size": str(self.env.world_size),
-                "run_dir": str(self.run_dir.resolve()),  # how mod-mlflow-sync finds the run
-            })
-            if self.cfg.data.tokenizer_model:
-                tracker.log_artifact(self.cfg.data.tokenizer_model)
-            resolved = self.run_dir / "resolved_config.yaml"
-            from omegaconf import OmegaConf
+        from mod_train.tracking.run_logger import open_run_logger
 
-            resolved.write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
-            tracker.log_artifact(str(resolved))
-        metrics = MetricsJsonl(self.run_dir / "metrics.jsonl") if self.env.is_main else None
-        return tracker, metrics
+        p = self.cfg.parallel
+        return open_run_logger(
+            self.cfg.tracking, self.run_dir, is_main=self.env.is_main, max_steps=self.cfg.train.max_steps,
+            run_id=self.state.mlflow_run_id, config=to_plain_dict(self.cfg),
+            resolved_yaml=OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+            tags={"model.family": self._family(),
+                  "layout": f"tp{p.tp}_pp{p.pp}_ep{p.ep}_dp{self.derived.dp}_zero{p.zero_stage}",
+                  "flops_per_token": f"{self.flops_per_token:.6g}",
+                  "world_size": str(self.env.world_size)},
+            artifacts=[self.cfg.data.tokenizer_model] if self.cfg.data.tokenizer_model else [],
+            first_step=self.state.step + 1)
 
     def _family(self) -> str:
         mod = self.cfg.model.mod.enabled
@@ -207,13 +189,7 @@ class Trainer:
         return {(False, False): "dense", (True, False): "mod", (False, True): "moe", (True, True): "mode"}[(mod, moe)]
 
     def _log(self, step: int, metrics: Dict[str, float]) -> None:
-        from mod_train.tracking.log_line import format_log_line
-
-        if not self.env.is_main:
-            return
-        print(format_log_line(step, self.cfg.train.max_steps, metrics), flush=True)
-        self.metrics_file.append(step, metrics)
-        self.tracker.log_metrics(metrics, step=step)
+        self.run_logger.log(step, metrics)  # console, metrics.jsonl, MLflow, ... (rank 0 only)
 
     _last_plot = float("-inf")
 
@@ -227,15 +203,16 @@ class Trainer:
             return
         self._last_plot = time.monotonic()
         try:
+            from mod_train.tracking.metrics_jsonl import merged_rows
             from mod_train.tracking.plots import plot_loss_vs_flops
-            from mod_train.tracking.sync import LOSS_PLOT, merged_rows
+            from mod_train.tracking.run_files import LOSS_PLOT, METRICS_FILE
 
-            png = plot_loss_vs_flops(merged_rows(self.run_dir / "metrics.jsonl"), self.run_dir / LOSS_PLOT)
+            png = plot_loss_vs_flops(merged_rows(self.run_dir / METRICS_FILE), self.run_dir / LOSS_PLOT)
         except Exception as e:  # noqa: BLE001 - a plot must never stop training
             log.warning("loss-vs-FLOPs plot failed: %s", e)
             return
         if png is not None:
-            self.tracker.log_artifact(str(png))
+            self.run_logger.log_artifact(png)
 
     # ------------------------------------------------------------------ loop
     def fit(self):
@@ -272,7 +249,7 @@ class Trainer:
             if cfg.checkpoint.save and (self.state.step % cfg.checkpoint.save_interval == 0
                                         or self.state.step == cfg.train.max_steps or exiting):
                 # The run id is known late if the tracking server was down at start.
-                self.state.mlflow_run_id = self.tracker.run_id
+                self.state.mlflow_run_id = self.run_logger.run_id
                 self._account_flops()  # the saved total covers every step up to this one
                 path = self.checkpointer.save(self.engine, self.state, {"config": to_plain_dict(cfg)})
                 self._info(f"saved checkpoint {path}")
@@ -316,7 +293,9 @@ class Trainer:
         moe = self.cfg.model.moe
         if moe.num_experts == 0:
             return
-        from mod_train.model.moe import gather_routing_loads, save_routing_heatmap
+        from mod_train.model.moe import gather_routing_loads
+        from mod_train.tracking.plots import plot_routing_heatmap
+        from mod_train.tracking.run_files import ROUTING_DIR, routing_heatmap_name
 
         from mod_train.model.flops import noop_columns
 
@@ -325,10 +304,10 @@ class Trainer:
                                                               [f"no-op{j}" for j in range(noops)])
         loads = gather_routing_loads(self.engine.module, self.cfg.model.num_layers, len(labels), self.env.device)
         if self.env.is_main:
-            png = save_routing_heatmap(loads, self.run_dir / "routing" / f"routing_iter_{self.state.step:07d}.png",
+            png = plot_routing_heatmap(loads, self.run_dir / ROUTING_DIR / routing_heatmap_name(self.state.step),
                                        labels, title=f"routing shares up to step {self.state.step}")
             if png is not None:
-                self.tracker.log_artifact(str(png), artifact_path="routing")
+                self.run_logger.log_artifact(png, artifact_path=ROUTING_DIR)
 
     def _throughput(self, seconds_per_step: float, tokens_per_step: int,
                     flops_per_token: Optional[float] = None) -> Dict[str, float]:
@@ -363,12 +342,8 @@ class Trainer:
     def close(self, status: str = "FINISHED", keep_process_group: bool = False) -> None:
         from mod_train.distributed.init import shutdown
 
-        if status != "RUNNING":
-            self.tracker.end(status)
-        else:
-            self.tracker.flush()  # stays open in MLflow; the resumed invocation continues it
-        if self.metrics_file is not None:
-            self.metrics_file.close()
+        # RUNNING: the MLflow run stays open; the resumed invocation continues it.
+        self.run_logger.close(status)
         shutdown(keep_process_group, failed=status == "FAILED")
 
 

@@ -151,6 +151,9 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16"
     # Peak dense matmul TFLOP/s of one device, for MFU; None: looked up for known GPUs.
     peak_tflops: Optional[float] = None
+    # Console output of ranks other than 0 (stdout, warnings, INFO logs): off keeps them quiet
+    # (errors still show); MOD_TRAIN_LOGLEVEL=INFO/DEBUG also turns it on.
+    log_all_ranks: bool = False
 
 
 @dataclass
@@ -172,6 +175,9 @@ class TrackingConfig:
     tracking_uri: Optional[str] = None  # None: a local store under the working directory
     experiment: str = "mod-train"
     run_name: Optional[str] = None
+    # Also write the metrics as TensorBoard event files to <run_dir>/tensorboard (needs the
+    # `tensorboard` extra: pip install -e '.[tensorboard]').
+    tensorboard: bool = False
 
 
 @dataclass

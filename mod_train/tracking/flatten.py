@@ -1,12 +1,19 @@
 """Flatten a nested config into MLflow params.
 
 {"model": {"hidden_size": 64}} -> {"model.hidden_size": "64"}.
+Config keys that may change between the invocations of one run (stop, then resume) are logged
+as tags ``invocation.<key>`` instead: MLflow params are immutable. The trainer and
+mod-mlflow-sync both split a config with ``run_params``.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Dict, Mapping, Sequence, Tuple
+
+# Config keys that may change when a stopped run is resumed (logged as tags, not params).
+PER_INVOCATION_KEYS = ("train.exit_interval", "checkpoint.resume")
+INVOCATION_TAG_PREFIX = "invocation."
 
 
 def _plain(value: Any) -> Any:
@@ -37,3 +44,11 @@ def flatten_config(cfg: Mapping[str, Any]) -> Dict[str, str]:
     for k, v in cfg.items():
         _flatten_into(out, str(k), v)
     return out
+
+
+def run_params(cfg: Mapping[str, Any]) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """(params, tags) of a run for ``cfg``: the flattened config minus ``PER_INVOCATION_KEYS``,
+    and those keys as ``invocation.<key>`` tags."""
+    params = flatten_config(cfg)
+    tags = {INVOCATION_TAG_PREFIX + k: params.pop(k) for k in PER_INVOCATION_KEYS if k in params}
+    return params, tags

@@ -44,12 +44,13 @@ DEFAULT_MAX_RETRIES = 0
 DEFAULT_RETRY_INTERVAL_S = 30.0
 DEFAULT_MAX_BUFFERED_METRICS = 200_000
 
-# MLflow's limits (mlflow.utils.validation), copied so a disabled tracker never imports mlflow.
-_MAX_PARAM_VAL_LENGTH = 6000
-_MAX_TAG_VAL_LENGTH = 8000
-_MAX_KEY_LENGTH = 250
-_MAX_PARAMS_TAGS_PER_BATCH = 100
-_MAX_METRICS_PER_BATCH = 1000
+# MLflow's limits (mlflow.utils.validation), copied so a disabled tracker never imports mlflow;
+# mod-mlflow-sync batches by them too.
+MAX_PARAM_VAL_LENGTH = 6000
+MAX_TAG_VAL_LENGTH = 8000
+MAX_KEY_LENGTH = 250
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
 
 # Errors that re-sending cannot fix: the offending batch is dropped (with a warning) instead of
 # blocking the queue forever. Everything else (connection refused, timeouts, 5xx, a locked
@@ -66,14 +67,14 @@ def default_tracking_uri(local_dir: Optional[Union[str, os.PathLike]] = None) ->
     return f"sqlite:///{Path(local_dir or os.getcwd()).resolve() / 'mlflow.db'}"
 
 
-def _sqlite_path(uri: str) -> Optional[Path]:
+def sqlite_path(uri: str) -> Optional[Path]:
     if not uri.startswith("sqlite:///"):
         return None
     path = uri[len("sqlite:///"):].split("?", 1)[0]
     return Path(path).resolve() if path and path != ":memory:" else None
 
 
-def _mlflow_key(key: Any) -> Optional[str]:
+def mlflow_key(key: Any) -> Optional[str]:
     """A key MLflow accepts for metrics/params/tags, or None if nothing sensible is left.
 
     MLflow allows only ``[/\\w.\\- :]`` and no path tricks: "elapsed time per iteration (ms)"
@@ -82,9 +83,31 @@ def _mlflow_key(key: Any) -> Optional[str]:
     name = re.sub(r"[()\[\]{}]", "", str(key))
     name = re.sub(r"[^/\w.\- :]", "_", name)
     name = re.sub(r"/+", "/", re.sub(r"\s+", " ", name)).strip(" /")
-    if not name or len(name) > _MAX_KEY_LENGTH or posixpath.normpath(name) != name:
+    if not name or len(name) > MAX_KEY_LENGTH or posixpath.normpath(name) != name:
         return None
     return name
+
+
+def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name`` on ``client``'s store: created if missing (artifacts next to a
+    sqlite file, not in MLflow's cwd-relative ./mlruns default), restored if deleted. The one
+    place experiments are made, for the tracker and for mod-mlflow-sync."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        db = sqlite_path(tracking_uri)
+        location = (db.parent / "mlartifacts").as_uri() if db is not None else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another job created it first
+                raise
+            exp = client.get_experiment_by_name(name)
+    if exp.lifecycle_stage == "deleted":
+        log.warning("MLflow experiment %r was deleted; restoring it", name)
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
 
 
 def _short(exc: BaseException) -> str:
@@ -169,10 +192,10 @@ class MlflowTracker:
             if name is None:
                 continue
             text = str(value)
-            if len(text) > _MAX_PARAM_VAL_LENGTH:
+            if len(text) > MAX_PARAM_VAL_LENGTH:
                 self._warn_once(f"long:{name}", "param %r is %d chars; MLflow keeps the first %d",
-                                name, len(text), _MAX_PARAM_VAL_LENGTH)
-                text = text[:_MAX_PARAM_VAL_LENGTH]
+                                name, len(text), MAX_PARAM_VAL_LENGTH)
+                text = text[:MAX_PARAM_VAL_LENGTH]
             known = self._remote_params.get(name, self._pending_params.get(name))
             if known is None:
                 self._pending_params[name] = text
@@ -213,7 +236,7 @@ class MlflowTracker:
         for key, value in tags.items():
             name = self._key(key, "tag")
             if name is not None:
-                self._pending_tags[name] = str(value)[:_MAX_TAG_VAL_LENGTH]
+                self._pending_tags[name] = str(value)[:MAX_TAG_VAL_LENGTH]
         self._sync()
 
     def flush(self) -> bool:
@@ -302,30 +325,11 @@ class MlflowTracker:
         if self._client is None:
             from mlflow import MlflowClient
 
-            db = _sqlite_path(self.tracking_uri)
+            db = sqlite_path(self.tracking_uri)
             if db is not None:
                 db.parent.mkdir(parents=True, exist_ok=True)  # sqlite does not create dirs
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
-
-    def _ensure_experiment(self, client: Any) -> str:
-        from mlflow.exceptions import MlflowException
-
-        exp = client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            db = _sqlite_path(self.tracking_uri)
-            # Artifacts next to the sqlite file, not in MLflow's cwd-relative ./mlruns default.
-            location = (db.parent / "mlartifacts").as_uri() if db is not None else None
-            try:
-                return client.create_experiment(self.experiment, artifact_location=location)
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another job created it first
-                    raise
-                exp = client.get_experiment_by_name(self.experiment)
-        if exp.lifecycle_stage == "deleted":
-            log.warning("MLflow experiment %r was deleted; restoring it", self.experiment)
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
 
     def _ensure_run(self) -> None:
         if self._run_ready:
@@ -334,7 +338,7 @@ class MlflowTracker:
 
         client = self._get_client()
         if self._experiment_id is None:
-            self._experiment_id = self._ensure_experiment(client)
+            self._experiment_id = ensure_experiment(client, self.experiment, self.tracking_uri)
         if self._run_id is not None:
             try:
                 run = client.get_run(self._run_id)
@@ -380,7 +384,7 @@ class MlflowTracker:
                     self._warn_changed_param(name, known, self._pending_params[name])
                 del self._pending_params[name]
         while self._pending_params:
-            chunk = dict(islice(self._pending_params.items(), _MAX_PARAMS_TAGS_PER_BATCH))
+            chunk = dict(islice(self._pending_params.items(), MAX_PARAMS_TAGS_PER_BATCH))
             self._send(f"{len(chunk)} params", lambda: client.log_batch(
                 run_id, params=[Param(k, v) for k, v in chunk.items()]))
             for k, v in chunk.items():
@@ -388,7 +392,7 @@ class MlflowTracker:
                 del self._pending_params[k]
 
         while self._pending_tags:
-            chunk = dict(islice(self._pending_tags.items(), _MAX_PARAMS_TAGS_PER_BATCH))
+            chunk = dict(islice(self._pending_tags.items(), MAX_PARAMS_TAGS_PER_BATCH))
             self._send(f"{len(chunk)} tags", lambda: client.log_batch(
                 run_id, tags=[RunTag(k, v) for k, v in chunk.items()]))
             for k in chunk:
@@ -397,7 +401,7 @@ class MlflowTracker:
         # Metrics in their original order, each with the step and timestamp it was logged at.
         # Re-sending a batch that did reach the store is harmless: MLflow ignores exact duplicates.
         while self._pending_metrics:
-            batch = list(islice(self._pending_metrics, _MAX_METRICS_PER_BATCH))
+            batch = list(islice(self._pending_metrics, MAX_METRICS_PER_BATCH))
             self._send(f"{len(batch)} metric values", lambda: client.log_batch(
                 run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in batch]))
             for _ in batch:
@@ -430,7 +434,7 @@ class MlflowTracker:
         self._dropped_in_outage += excess
 
     def _key(self, key: Any, kind: str) -> Optional[str]:
-        name = _mlflow_key(key)
+        name = mlflow_key(key)
         if name is None:
             self._warn_once(f"key:{key}", "%s name %r is not valid for MLflow; not logged", kind, key)
         return name

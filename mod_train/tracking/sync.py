@@ -18,7 +18,6 @@ added, so the plot matches them). ``--set-status FINISHED`` closes a run whose j
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -26,63 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from mod_train.tracking.flatten import flatten_config
-from mod_train.tracking.keys import STEP, TIME
+from mod_train.tracking.flatten import run_params
+from mod_train.tracking.metrics_jsonl import metrics_by_step
 from mod_train.tracking.mlflow_run import (
-    MAX_RETRIES_ENV, TIMEOUT_ENV, _MAX_METRICS_PER_BATCH, _MAX_PARAM_VAL_LENGTH,
-    _MAX_PARAMS_TAGS_PER_BATCH, _mlflow_key, _sqlite_path, default_tracking_uri,
+    MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_RETRIES_ENV, TIMEOUT_ENV,
+    default_tracking_uri, ensure_experiment, mlflow_key,
 )
+from mod_train.tracking.run_files import LOSS_PLOT, METRICS_FILE, RESOLVED_CONFIG, RUN_DIR_TAG
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-RESOLVED_CONFIG = "resolved_config.yaml"
-LOSS_PLOT = "loss_vs_flops.png"
-RUN_DIR_TAG = "run_dir"  # set by the trainer: the absolute run directory
-
 PathLike = Union[str, os.PathLike]
-
-
-# ---- metrics.jsonl, merged per step --------------------------------------------------------
-
-def metrics_by_step(path: PathLike) -> Dict[int, Dict[str, Tuple[float, float]]]:
-    """``{step: {key: (value, unix_time)}}`` from a metrics.jsonl, numeric values only.
-
-    Rows of one step are merged (a step can have a training row and an evaluation row); a key
-    written twice for a step (a resumed run repeats the steps after its last checkpoint) keeps
-    the last value. Unreadable lines are skipped; a missing file gives {}.
-    """
-    out: Dict[int, Dict[str, Tuple[float, float]]] = {}
-    try:
-        f = open(path, "r", encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return out
-    with f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(row, dict):
-                continue
-            step = row.get(STEP)
-            if not isinstance(step, int) or isinstance(step, bool):
-                continue
-            t = row.get(TIME)
-            t = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else 0.0
-            merged = out.setdefault(step, {})
-            for key, value in row.items():
-                if key in (STEP, TIME) or isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
-                merged[key] = (float(value), t)
-    return out
-
-
-def merged_rows(path: PathLike) -> List[Dict[str, Any]]:
-    """Rows ``{"step": s, <key>: value, ...}`` sorted by step, merged as in ``metrics_by_step``
-    (for plots: evaluation rows do not hide the training values of their step)."""
-    return [{STEP: s, **{k: v for k, (v, _) in kv.items()}}
-            for s, kv in sorted(metrics_by_step(path).items())]
 
 
 def load_resolved_config(run_dir: PathLike) -> Optional[Dict[str, Any]]:
@@ -98,12 +51,7 @@ def load_resolved_config(run_dir: PathLike) -> Optional[Dict[str, Any]]:
 
 def config_params(config: Mapping[str, Any]) -> Dict[str, str]:
     """The params the trainer logs for this config: flattened, minus the per-invocation keys."""
-    from mod_train.train import PER_INVOCATION_KEYS  # logged as tags: they change on resume
-
-    params = flatten_config(config)
-    for key in PER_INVOCATION_KEYS:
-        params.pop(key, None)
-    return params
+    return run_params(config)[0]
 
 
 def _checkpoint_run_id(run_dir: Path, config: Optional[Mapping[str, Any]]) -> Optional[str]:
@@ -150,18 +98,12 @@ def _set_http_defaults() -> None:
     os.environ.setdefault(MAX_RETRIES_ENV, "2")
 
 
-def _ensure_experiment(client: Any, name: str, tracking_uri: str, create: bool) -> Optional[str]:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
+def _experiment_id(client: Any, name: str, tracking_uri: str, create: bool) -> Optional[str]:
     if not create:
-        return None
-    db = _sqlite_path(tracking_uri)
-    # As MlflowTracker does: artifacts next to a sqlite file, not in a cwd-relative ./mlruns.
-    location = (db.parent / "mlartifacts").as_uri() if db is not None else None
-    return client.create_experiment(name, artifact_location=location)
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            return None
+    return ensure_experiment(client, name, tracking_uri)
 
 
 def _find_run_by_tag(client: Any, experiment_id: str, run_dir: Path) -> Optional[str]:
@@ -227,7 +169,7 @@ def sync_run(run_dir: PathLike, tracking_uri: Optional[str] = None, run_id: Opti
         if candidate is not None and _run_exists(client, candidate):
             run_id = candidate
         else:
-            exp_id = _ensure_experiment(client, experiment, tracking_uri, create)
+            exp_id = _experiment_id(client, experiment, tracking_uri, create)
             if exp_id is not None:
                 run_id = _find_run_by_tag(client, exp_id, run_dir)
             if run_id is None:
@@ -247,16 +189,16 @@ def sync_run(run_dir: PathLike, tracking_uri: Optional[str] = None, run_id: Opti
         have = dict(run.data.params)
         missing = []
         for key, value in config_params(config).items():
-            name = _mlflow_key(key)
+            name = mlflow_key(key)
             if name is None:
                 continue
-            text = str(value)[:_MAX_PARAM_VAL_LENGTH]
+            text = str(value)[:MAX_PARAM_VAL_LENGTH]
             if name not in have:
                 missing.append(Param(name, text))
             elif have[name] != text:
                 log.warning("param %r is %r on the run but %r in %s; left as is",
                             name, have[name][:200], text[:200], RESOLVED_CONFIG)
-        for chunk in _chunks(missing, _MAX_PARAMS_TAGS_PER_BATCH):
+        for chunk in _chunks(missing, MAX_PARAMS_TAGS_PER_BATCH):
             client.log_batch(run_id, params=chunk)
         result.params_uploaded = len(missing)
     if RUN_DIR_TAG not in run.data.tags:
@@ -266,7 +208,7 @@ def sync_run(run_dir: PathLike, tracking_uri: Optional[str] = None, run_id: Opti
     by_key: Dict[str, Dict[int, Tuple[float, float]]] = {}
     for step, values in metrics_by_step(metrics_path).items():
         for key, vt in values.items():
-            name = _mlflow_key(key)
+            name = mlflow_key(key)
             if name is not None:
                 by_key.setdefault(name, {})[step] = vt
     to_send = []
@@ -277,7 +219,7 @@ def sync_run(run_dir: PathLike, tracking_uri: Optional[str] = None, run_id: Opti
                 result.metrics_present += 1
             else:
                 to_send.append(Metric(name, value, int(t * 1000), step))
-    for chunk in _chunks(to_send, _MAX_METRICS_PER_BATCH):
+    for chunk in _chunks(to_send, MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=chunk)
     result.metrics_uploaded = len(to_send)
 

@@ -21,8 +21,10 @@ import pytest
 import yaml
 
 from mod_train.tracking import MetricsJsonl, MlflowTracker, default_tracking_uri, flatten_config
-from mod_train.tracking.sync import LOSS_PLOT, SyncError, merged_rows, metrics_by_step, sync_run
-from mod_train.train import PER_INVOCATION_KEYS
+from mod_train.tracking.flatten import PER_INVOCATION_KEYS
+from mod_train.tracking.metrics_jsonl import merged_rows, metrics_by_step
+from mod_train.tracking.run_files import LOSS_PLOT
+from mod_train.tracking.sync import SyncError, sync_run
 from tests.helpers_train import REPO, free_port, tiny_overrides
 from tests.mlflow_server import kill_server, start_server
 
