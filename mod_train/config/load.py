@@ -9,6 +9,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from mod_train.config.schema import Config, register_configs
+from mod_train.config.validate import ConfigError
 
 
 def conf_dir() -> Path:
@@ -25,10 +26,18 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from hydra.errors import ConfigCompositionException
+
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except ConfigCompositionException as e:
+        # An unknown key, a wrong type or a value outside a Choice: OmegaConf's reason (allowed
+        # values, full key) is in the cause; say it in one ConfigError the CLIs print cleanly.
+        cause = [line.strip() for line in str(e.__cause__ or "").splitlines()[:2] if line.strip()]
+        raise ConfigError(f"{e}: {'; '.join(cause)}" if cause else str(e)) from e
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -41,4 +50,5 @@ def to_config(cfg: DictConfig) -> Config:
 def to_plain_dict(cfg: Config | DictConfig) -> dict:
     """The resolved config as plain Python containers (for MLflow params, checkpoint metadata)."""
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
-    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    # enum_to_str: Choice members become their names, which are their values (see schema.Choice).
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -1,16 +1,105 @@
 """Typed configuration for every Hydra group.
 
 Each dataclass is the schema of one group under ``conf/``. Hydra merges the YAML files
-onto these types, so an unknown key or a wrong type fails at start with the key named.
+onto these types, so an unknown key, a wrong type or a value outside a :class:`Choice` fails at
+start with the key named.
 Cross-field rules (layout vs world size, heads vs TP, ...) live in ``validate.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Dict, List, Optional
 
 from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A string option with a fixed set of values, checked by OmegaConf when the config is composed.
+
+    OmegaConf matches a YAML/override string against the member NAMES, so every member is named
+    exactly as its value (``sigmoid = "sigmoid"``). A member is a ``str``: it compares and hashes
+    equal to its value (``cfg.model.mod.router_weight == "sigmoid"``), and ``str()`` / f-strings
+    give the value (Python 3.11 would otherwise print ``RouterWeight.sigmoid``).
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class RouterWeight(Choice):
+    """How the MoD router score scales the block output of a routed token."""
+
+    sigmoid = "sigmoid"
+    logit = "logit"
+    none = "none"  # tests only: the router then gets no gradient
+
+
+class CausalRouting(Choice):
+    """The causal decision used at sampling time."""
+
+    aux_loss = "aux_loss"  # BCE on the router's sigmoid
+    predictor = "predictor"  # a small MLP on a stop-gradient copy of the layer input
+
+
+class TokenDispatcher(Choice):
+    alltoall = "alltoall"
+    allgather = "allgather"
+
+
+class MoDEMode(Choice):
+    """MoDE variants (MoD paper §3.5)."""
+
+    none = "none"
+    staged = "staged"
+    integrated = "integrated"
+
+
+class Normalization(Choice):
+    RMSNorm = "RMSNorm"
+    LayerNorm = "LayerNorm"
+
+
+class Activation(Choice):
+    swiglu = "swiglu"
+    gelu = "gelu"
+
+
+class PositionEmbedding(Choice):
+    rope = "rope"
+    learned_absolute = "learned_absolute"
+
+
+class LRSchedule(Choice):
+    cosine = "cosine"
+    constant = "constant"
+    wsd = "wsd"
+
+
+class Precision(Choice):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class ContainerRuntime(Choice):
+    none = "none"
+    pyxis = "pyxis"
+    apptainer = "apptainer"
+
+
+class TokenizerModelType(Choice):
+    bpe = "bpe"
+    unigram = "unigram"
+
+
+class Rendezvous(Choice):
+    c10d = "c10d"
+    static = "static"
 
 
 @dataclass
@@ -29,10 +118,10 @@ class ModConfig:
     capacities: Optional[List[float]] = None
     # How the router score scales the block output of a routed token: "sigmoid", "logit" or "none"
     # ("none" only makes sense for tests: the router then gets no gradient).
-    router_weight: str = "sigmoid"
+    router_weight: RouterWeight = RouterWeight.sigmoid
     # Causal decision used at sampling time: "aux_loss" (BCE on the router's sigmoid) or
     # "predictor" (a small MLP on a stop-gradient copy of the layer input).
-    causal: str = "aux_loss"
+    causal: CausalRouting = CausalRouting.aux_loss
     aux_loss_coeff: float = 0.01
     predictor_hidden: int = 0  # 0: hidden_size // 8
     # Calibrated causal routing: each MoD layer keeps a threshold on its causal logits, a running
@@ -57,11 +146,11 @@ class MoEConfig:
     aux_loss_coeff: float = 0.01
     z_loss_coeff: Optional[float] = None
     capacity_factor: Optional[float] = None  # None: dropless
-    token_dispatcher: str = "alltoall"  # "alltoall" | "allgather"
+    token_dispatcher: TokenDispatcher = TokenDispatcher.alltoall
     ffn_hidden_size: Optional[int] = None
     shared_expert_ffn_hidden_size: Optional[int] = None
     # MoDE variants (MoD paper §3.5): "none" | "staged" | "integrated"
-    mode: str = "none"
+    mode: MoDEMode = MoDEMode.none
 
 
 @dataclass
@@ -81,9 +170,9 @@ class ModelConfig:
     vocab_size: Optional[int] = None
     # The embedding table is padded to a multiple of this (independent of TP, see validate.pad_vocab).
     make_vocab_size_divisible_by: int = 128
-    normalization: str = "RMSNorm"  # "RMSNorm" | "LayerNorm"
-    activation: str = "swiglu"  # "swiglu" | "gelu"
-    position_embedding: str = "rope"  # "rope" | "learned_absolute"
+    normalization: Normalization = Normalization.RMSNorm
+    activation: Activation = Activation.swiglu
+    position_embedding: PositionEmbedding = PositionEmbedding.rope
     rotary_base: int = 10000
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
@@ -117,7 +206,7 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float = 1.0
     warmup_steps: int = 10
-    schedule: str = "cosine"  # "cosine" | "constant" | "wsd"
+    schedule: LRSchedule = LRSchedule.cosine
     decay_steps: Optional[int] = None  # None: train.max_steps
     wsd_decay_fraction: float = 0.2  # WSD: fraction of decay_steps spent in the final decay
 
@@ -148,7 +237,7 @@ class TrainConfig:
     eval_interval: int = 50
     eval_iters: int = 2
     seed: int = 1234
-    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16"
+    precision: Precision = Precision.auto  # auto: bf16 on GPU, fp32 on CPU
     # Peak dense matmul TFLOP/s of one device, for MFU; None: looked up for known GPUs.
     peak_tflops: Optional[float] = None
     # Console output of ranks other than 0 (stdout, warnings, INFO logs): off keeps them quiet
@@ -184,7 +273,7 @@ class TrackingConfig:
 class SlurmContainerConfig:
     """Run every node's torchrun in a container: ``pyxis`` (srun --container-image) or ``apptainer``."""
 
-    runtime: str = "none"  # "none" | "pyxis" | "apptainer"
+    runtime: ContainerRuntime = ContainerRuntime.none
     image: Optional[str] = None
     mounts: List[str] = field(default_factory=list)  # "src:dst" (pyxis) or apptainer --bind specs
     args: List[str] = field(default_factory=list)  # extra srun (pyxis) or `apptainer exec` flags
@@ -197,7 +286,7 @@ class SlurmPrepConfig:
     # Input files/globs/directories; every resulting file is one task of the tokenization array.
     inputs: List[str] = field(default_factory=list)
     vocab_size: int = 32000
-    model_type: str = "bpe"  # "bpe" | "unigram"
+    model_type: TokenizerModelType = TokenizerModelType.bpe
     text_key: str = "text"
     max_sentences: int = 0  # tokenizer training on a random sample of N lines (0: all)
     shard_dir: Optional[str] = None  # None: <data.paths[0]>_shards
@@ -233,7 +322,7 @@ class SlurmConfig:
     signal_seconds: int = 300
     requeue: bool = True
     max_requeues: int = 3  # consecutive requeues without a new checkpoint before giving up
-    rendezvous: str = "c10d"  # "c10d" | "static" (torchrun); the host is the allocation's first node
+    rendezvous: Rendezvous = Rendezvous.c10d  # torchrun's; the host is the allocation's first node
     master_port: Optional[int] = None  # None: 20000 + job id % 20000
     python: Optional[str] = None  # interpreter on the nodes; None: the one running mod-submit
     workdir: Optional[str] = None  # None: the directory mod-submit runs in

@@ -42,7 +42,6 @@ def test_defaults_validate_and_derive_layout():
     (["model=tiny_mod", "model.mod.capacity=1.5"], 1, "it must be in (0, 1]"),
     (["model=tiny_mod", "model.mod.layers=[7]"], 1, "out of range for model.num_layers=4"),
     (["model=tiny_mod", "model.mod.capacity=0.001"], 1, "rounds to k=0"),
-    (["optim.schedule=linear"], 1, "optim.schedule must be"),
     (["parallel.cp=2"], 2, "context parallelism is not supported"),
     (["model=tiny_mod", "model.mod.capacity=0.05", "parallel.tp=2", "parallel.sequence_parallel=true"], 2,
      "routes k=3 tokens, which sequence parallel cannot split over parallel.tp=2"),
@@ -67,6 +66,44 @@ def test_unknown_key_and_wrong_type_fail_at_compose():
         compose(["model.hiden_size=3"])
     with pytest.raises(Exception, match="hidden_size"):
         to_config(compose(["model.hidden_size=abc"]))
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("model.mod.router_weight=softmax", "[sigmoid, logit, none]"),
+    ("model.mod.causal=oracle", "[aux_loss, predictor]"),
+    ("model.moe.token_dispatcher=flex", "[alltoall, allgather]"),
+    ("model.moe.mode=mixed", "[none, staged, integrated]"),
+    ("model.normalization=rmsnorm", "[RMSNorm, LayerNorm]"),
+    ("model.activation=relu", "[swiglu, gelu]"),
+    ("model.position_embedding=alibi", "[rope, learned_absolute]"),
+    ("optim.schedule=linear", "[cosine, constant, wsd]"),
+    ("train.precision=fp16", "[auto, fp32, bf16]"),
+    ("slurm.container.runtime=docker", "[none, pyxis, apptainer]"),
+    ("slurm.rendezvous=etcd", "[c10d, static]"),
+])
+def test_a_value_outside_a_choice_fails_at_compose_with_the_key_and_the_choices(override, allowed):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as e:
+        compose([override])
+    msg = str(e.value)
+    assert f"Invalid value '{value}', expected one of {allowed}" in msg and f"full_key: {key}" in msg
+
+
+def test_choices_parse_from_yaml_and_overrides_and_read_as_plain_strings():
+    from mod_train.config.load import to_plain_dict
+    from mod_train.config.schema import Choice, MoDEMode, Normalization, RouterWeight
+
+    cfg = cfg_with("model=tiny_mode_staged", "model.mod.router_weight=logit", "model.normalization=LayerNorm")
+    assert cfg.model.moe.mode is MoDEMode.staged and cfg.model.moe.mode == "staged"  # from conf/model/*.yaml
+    assert cfg.model.mod.router_weight is RouterWeight.logit and cfg.model.normalization is Normalization.LayerNorm
+    assert f"{cfg.model.mod.router_weight}" == str(cfg.model.mod.router_weight) == "logit"
+    assert {"logit": 1}[cfg.model.mod.router_weight] == 1
+    plain = to_plain_dict(cfg)  # checkpoint metadata, MLflow params: plain strings
+    assert type(plain["model"]["mod"]["router_weight"]) is str and plain["model"]["moe"]["mode"] == "staged"
+    assert to_config(compose([f"model.moe.mode={plain['model']['moe']['mode']}"])).model.moe.mode is MoDEMode.staged
+    # OmegaConf matches members by NAME: every Choice member must be named as its value.
+    for choice in Choice.__subclasses__():
+        assert all(m.name == m.value for m in choice), choice
 
 
 def test_cli_rejects_bad_config_before_starting_processes(tmp_path):
