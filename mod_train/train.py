@@ -381,6 +381,11 @@ def _hydra_main(dcfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"mod-train: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
+    # After Hydra set up logging, before the heavy imports: rank 0 prints, dependency noise is
+    # counted (MOD_TRAIN_LOGLEVEL / train.log_all_ranks bring it back).
+    from mod_train.tracking.console import configure_console
+
+    configure_console(log_all_ranks=cfg.train.log_all_ranks)
     _, stopped_by = run_until_stopped(cfg)
     if stopped_by is not None:
         sys.exit(PREEMPTED_EXIT_CODE)
