@@ -41,10 +41,12 @@ def torchrun(nproc: int, module_or_args: Sequence[str], timeout: int = 600, env:
 
 
 def losses(run_dir: Path, key: str = "lm loss") -> Dict[int, float]:
-    """Per-step values from a run's metrics.jsonl (last entry per step wins)."""
-    from mod_train.tracking.metrics_jsonl import read_metrics
+    """Per-step values from a run's metrics.jsonl (rows of a step merged: training and evaluation;
+    a step written twice by a resumed run keeps its last value)."""
+    from mod_train.tracking.metrics_jsonl import metrics_by_step
 
-    return {row["step"]: row[key] for row in read_metrics(run_dir / "metrics.jsonl") if key in row}
+    by_step = metrics_by_step(run_dir / "metrics.jsonl")
+    return {step: row[key][0] for step, row in sorted(by_step.items()) if key in row}
 
 
 def dump(path: Path, obj) -> None:

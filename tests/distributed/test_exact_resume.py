@@ -12,7 +12,7 @@ CASES = {
     "zero2": ["parallel.zero_stage=2"],
     "zero3": ["parallel.zero_stage=3"],
     "mod_zero1": ["model=tiny_mod", "model.num_layers=2", "model.hidden_size=32", "model.seq_length=32",
-                  "model.mod.capacity=0.25", "parallel.zero_stage=1"],
+                  "model.mod.capacity=0.25", "parallel.zero_stage=1", "train.eval_interval=10", "train.eval_iters=1"],
 }
 
 
@@ -37,6 +37,14 @@ def test_resume_is_bitwise_exact(resume_runs, case):
     # the resumed run really stopped and restarted: its checkpoints include the stop point
     assert (resumed_dir := resume_runs / case / "resumed" / "checkpoints" / "iter_0000010").is_dir(), resumed_dir
     if case.startswith("mod"):
-        key = "mod/layer2/causal_acc"  # per-layer MoD routing stats are logged and resume exactly too
-        assert len(losses(resume_runs / case / "straight", key)) == 20
-        assert losses(resume_runs / case / "resumed", key) == losses(resume_runs / case / "straight", key)
+        # Per-layer MoD routing stats are logged and resume exactly too, the calibrated causal
+        # threshold (a buffer saved with the weights) included.
+        for key in ("mod/layer2/causal_acc", "mod/layer2/causal_threshold"):
+            assert len(losses(resume_runs / case / "straight", key)) == 20
+            assert losses(resume_runs / case / "resumed", key) == losses(resume_runs / case / "straight", key)
+        assert losses(resume_runs / case / "straight", "mod/layer2/causal_threshold")[20] != 0.0
+        # Validation of a MoD model reports the top-k loss (as trained) and the causal loss (the
+        # model that samples); both are the same after a resume.
+        for key in ("valid lm loss", "valid lm loss (causal)"):
+            assert sorted(losses(resume_runs / case / "straight", key)) == [10, 20]
+            assert losses(resume_runs / case / "resumed", key) == losses(resume_runs / case / "straight", key)
