@@ -7,15 +7,24 @@ final validation loss.
         data.tokenizer_model=data/demo/tokenizer.model 'data.paths=[data/demo/corpus_text_document]'
 
 Models (each trained from scratch for floor(budget / (train FLOPs per token x tokens per step)) steps,
-FLOPs counted by mod_train/model/flops.py, the one count the trainer logs):
+FLOPs counted by mod_train/model/flops.py, Megatron-LM's count and the one the trainer logs):
   dense           the --dense preset
   mod             its MoD twin: every other layer routes --capacity of the sequence (the same
                   width and depth: fewer FLOPs per token, so more steps within the budget)
   mod_matched     the MoD twin made deeper (2 layers at a time, alternation kept) until its FLOPs
                   per token are closest to the dense model's: the paper's "MoD may be larger"
-  mode_staged, mode_integrated   the MoDE twins (--mode-experts experts, top-2, half-width each)
-The learning-rate schedule (warmup, cosine decay) spans each run's own steps. One validation at the
-end over --eval-iters batches; a table and a RESULT json line are printed.
+  moe             plain MoE: every other MLP is --mode-experts experts, top-2, half-width each (as
+                  many active MLP FLOPs as dense), so a MoDE gain can be told from an MoE gain
+  mode_staged, mode_integrated   the MoDE twins of that MoE (staged: MoD around the MoE layers;
+                  integrated: top_k no-op columns in the router)
+Integrated MoDE's FLOPs per token depend on the no-op share it learns, known only after training:
+its steps are planned at the share its load-balancing loss aims for (n / (E + n) of the slots) and
+the FLOPs it actually spent (the trainer's "total FLOPs", at the measured share) are reported next
+to the budget. The learning-rate schedule (warmup, cosine decay) spans each run's own steps. One
+validation at the end over --eval-iters batches. Models are ranked on "valid lm loss (causal)" when
+the trainer logs it (MoD models routed by their causal decision: the model that samples), else on
+"valid lm loss" (dense and MoE models are causal anyway). With several --seeds each model is
+trained once per seed (train.seed) and ranked on the mean. A table and a RESULT json line are printed.
 """
 
 from __future__ import annotations
@@ -27,7 +36,18 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from common import model_config, run_mod_train, train_flops_per_token
+from common import model_config, run_mod_train
+
+CAUSAL_LOSS = "valid lm loss (causal)"  # MoD routed by its causal decision (logged by evaluate())
+LOSS = "valid lm loss"
+
+
+def train_flops_per_token(cfg, derived) -> float:
+    """The planned count: flops.py's, integrated MoDE at its load-balanced no-op share."""
+    from mod_train.model.flops import balanced_noop_fraction, train_flops_per_token as count
+
+    return count(cfg.model, derived.ffn_hidden_size, derived.padded_vocab_size, derived.mod_layers,
+                 derived.mod_capacities, derived.moe_layers, noop_fraction=balanced_noop_fraction(cfg.model))
 
 
 def variants(args) -> Dict[str, List[str]]:
@@ -40,6 +60,7 @@ def variants(args) -> Dict[str, List[str]]:
            "model.moe.offset=1", f"model.moe.ffn_hidden_size={half}", "model.moe.layers=null"]
     out = {"dense": [], "mod": mod}
     out["mod_matched"] = mod + [f"model.num_layers={matched_depth(args, mod, cfg.model.num_layers)}"]
+    out["moe"] = moe
     if not args.no_mode:
         out["mode_staged"] = mod + moe + ["model.moe.mode=staged"]
         out["mode_integrated"] = moe + ["model.moe.mode=integrated"]
@@ -61,8 +82,8 @@ def matched_depth(args, mod_overrides: List[str], dense_layers: int) -> int:
     return best
 
 
-def train_within_budget(name: str, model_overrides: List[str], args, workdir: Path) -> dict:
-    overrides = [*args.overrides, *model_overrides]
+def train_within_budget(name: str, model_overrides: List[str], args, workdir: Path, seed: int) -> dict:
+    overrides = [*args.overrides, *model_overrides, f"train.seed={seed}"]
     cfg, d = model_config(args.dense, overrides)
     flops_per_token = train_flops_per_token(cfg, d)
     tokens_per_step = d.global_batch_size * cfg.model.seq_length
@@ -74,17 +95,43 @@ def train_within_budget(name: str, model_overrides: List[str], args, workdir: Pa
            f"train.eval_iters={args.eval_iters}", f"train.log_interval={max(steps // 20, 1)}",
            f"optim.warmup_steps={max(steps // 50, 1)}", "checkpoint.save=false", "tracking.enabled=false"]
     t0 = time.time()
-    code, last_error, rows = run_mod_train(run, workdir / name, args.nproc)
+    code, last_error, rows = run_mod_train(run, workdir / f"{name}_seed{seed}", args.nproc)
     if code != 0:
-        return {"name": name, "error": f"exit {code}: {last_error}"}
-    valid = [r for r in rows if "valid lm loss" in r]
+        return {"name": name, "seed": seed, "error": f"exit {code}: {last_error}"}
+    valid = [r for r in rows if LOSS in r]
     timed = [r["elapsed time per iteration (ms)"] for r in rows if "elapsed time per iteration (ms)" in r]
-    return {"name": name, "layers": cfg.model.num_layers, "forward_flops_per_token": flops_per_token / 3,
+    spent = next((r["total FLOPs"] for r in reversed(rows) if "total FLOPs" in r), None)
+    return {"name": name, "seed": seed, "layers": cfg.model.num_layers,
+            "forward_flops_per_token": flops_per_token / 3,
             "forward_flops_per_sequence": flops_per_token / 3 * cfg.model.seq_length,
             "steps": steps, "tokens": steps * tokens_per_step, "flops": steps * tokens_per_step * flops_per_token,
-            "valid_loss": valid[-1]["valid lm loss"] if valid else None,
+            "spent_flops": spent,  # the trainer's count (integrated MoDE at its measured no-op share)
+            "valid_loss": valid[-1][LOSS] if valid else None,
+            "valid_loss_causal": valid[-1].get(CAUSAL_LOSS) if valid else None,
             "train_loss": next((r["lm loss"] for r in reversed(rows) if "lm loss" in r), None),
             "ms_per_step": sorted(timed)[len(timed) // 2] if timed else None, "wall_s": time.time() - t0}
+
+
+def ranking_loss(row: dict) -> Optional[float]:
+    """The causal validation loss when the trainer logged it, else the (top-k) validation loss."""
+    return row["valid_loss_causal"] if row.get("valid_loss_causal") is not None else row.get("valid_loss")
+
+
+def summarize(rows: List[dict]) -> List[dict]:
+    """Per model: the mean (and min..max over seeds) of the ranking loss, best first."""
+    by_name: Dict[str, List[dict]] = {}
+    for r in rows:
+        by_name.setdefault(r["name"], []).append(r)
+    out = []
+    for name, runs in by_name.items():
+        ok = [r for r in runs if "error" not in r and ranking_loss(r) is not None]
+        losses = [ranking_loss(r) for r in ok]
+        out.append({"name": name, "runs": len(runs), "ok": len(ok),
+                    "metric": CAUSAL_LOSS if ok and ok[0].get("valid_loss_causal") is not None else LOSS,
+                    "mean": sum(losses) / len(losses) if losses else None,
+                    "min": min(losses) if losses else None, "max": max(losses) if losses else None,
+                    "topk_mean": (sum(r["valid_loss"] for r in ok) / len(ok)) if ok else None})
+    return sorted(out, key=lambda s: (s["mean"] is None, s["mean"] or 0.0))
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -96,6 +143,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--no-mode", action="store_true", help="skip the MoDE variants")
     p.add_argument("--only", default=None, help="train only these variants, comma-separated (e.g. dense,mod)")
     p.add_argument("--eval-iters", type=int, default=20)
+    p.add_argument("--seeds", default="1234", help="comma-separated train.seed values (each model once per seed)")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--json", default=None)
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (data, parallel, optim, ...)")
@@ -108,21 +156,35 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if unknown:
             raise SystemExit(f"--only: unknown variants {unknown}; choose from {sorted(todo)}")
         todo = {k: v for k, v in todo.items() if k in wanted}
+    seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="mod-isoflop-") as tmp:
-        for name, model_overrides in todo.items():
-            rows.append(train_within_budget(name, model_overrides, args, Path(tmp)))
-            print(json.dumps(rows[-1]), flush=True)
-    print(f"\nisoFLOP budget {args.budget:.3g} training FLOPs per model, dense baseline {args.dense}")
-    print(f"{'model':>16} {'layers':>6} {'fwd FLOPs/seq':>14} {'steps':>7} {'tokens':>11} {'valid loss':>10} "
-          f"{'ms/step':>8}")
+        for seed in seeds:
+            for name, model_overrides in todo.items():
+                rows.append(train_within_budget(name, model_overrides, args, Path(tmp), seed))
+                print(json.dumps(rows[-1]), flush=True)
+
+    def fmt(x, spec):
+        return format(x, spec) if x is not None else "-"
+
+    print(f"\nisoFLOP budget {args.budget:.3g} training FLOPs per model, dense baseline {args.dense}, seeds {seeds}")
+    print(f"{'model':>16} {'seed':>5} {'layers':>6} {'fwd FLOPs/seq':>14} {'steps':>7} {'tokens':>11} "
+          f"{'spent/budget':>12} {'valid loss':>10} {'causal':>8} {'ms/step':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['name']:>16} failed: {r['error']}")
+            print(f"{r['name']:>16} {r['seed']:>5} failed: {r['error']}")
             continue
-        print(f"{r['name']:>16} {r['layers']:>6} {r['forward_flops_per_sequence']:14.4g} {r['steps']:>7} "
-              f"{r['tokens']:>11} {r['valid_loss']:10.4f} {r['ms_per_step']:8.1f}")
-    summary = {"budget": args.budget, "dense": args.dense, "overrides": args.overrides, "rows": rows}
+        spent = r["spent_flops"] / args.budget if r["spent_flops"] is not None else None
+        print(f"{r['name']:>16} {r['seed']:>5} {r['layers']:>6} {r['forward_flops_per_sequence']:14.4g} {r['steps']:>7} "
+              f"{r['tokens']:>11} {fmt(spent, '12.3f')} {fmt(r['valid_loss'], '10.4f')} "
+              f"{fmt(r['valid_loss_causal'], '8.4f')} {fmt(r['ms_per_step'], '8.1f')}")
+    ranking = summarize(rows)
+    print(f"\nranked on the mean over seeds of {ranking[0]['metric'] if ranking else LOSS}:")
+    for i, s in enumerate(ranking, 1):
+        print(f"{i:>3}. {s['name']:>16} {fmt(s['mean'], '.4f')} (min {fmt(s['min'], '.4f')}, max {fmt(s['max'], '.4f')}; "
+              f"top-k valid loss {fmt(s['topk_mean'], '.4f')}; {s['ok']}/{s['runs']} runs)")
+    summary = {"budget": args.budget, "dense": args.dense, "overrides": args.overrides, "seeds": seeds,
+               "rows": rows, "ranking": ranking}
     print("RESULT " + json.dumps(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
