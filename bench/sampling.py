@@ -13,11 +13,16 @@ tokens, so random-init figures say little about MoD's gain. Target (issue 7): Mo
 
 --batch 1 32 (the default) measures both batch sizes: a batch decodes its prompts together
 (``generate_batch``), each sequence routed by its own decisions.
+
+--uncalibrated also runs the MoD model with every causal threshold set to 0 (the decision
+``logit > 0`` that mod-generate used before thresholds were calibrated in training), so the routed
+share and the speed before and after calibration stand side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -64,6 +69,22 @@ def time_generation(model, cfg, args, batch: int) -> dict:
             "mod_routed_share": routed}
 
 
+@contextlib.contextmanager
+def uncalibrated(model):
+    """Every MoD layer's causal threshold at 0 within the block (restored after)."""
+    from mod_train.model.mod import mod_layers_of
+
+    routers = [layer.router for layer in mod_layers_of([model])]
+    saved = [r.causal_threshold.clone() for r in routers]
+    for r in routers:
+        r.causal_threshold.zero_()
+    try:
+        yield
+    finally:
+        for r, t in zip(routers, saved):
+            r.causal_threshold.copy_(t)
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs=2, default=["tiny", "tiny_mod"], metavar=("DENSE", "MOD"),
@@ -75,6 +96,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes to measure")
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="also time the MoD model with its causal thresholds at 0 (before calibration)")
     args = p.parse_args(argv)
 
     from mod_train.distributed.world_of_one import world_of_one
@@ -91,6 +114,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 name = f"{kind} ({args.models[i]}, random init)"
             for batch in args.batch:
                 rows[f"{kind} b{batch}"] = {"name": name, **time_generation(model, cfg, args, batch)}
+            if kind == "mod" and args.uncalibrated:
+                with uncalibrated(model):
+                    for batch in args.batch:
+                        rows[f"mod-t0 b{batch}"] = {"name": name + " threshold 0",
+                                                    **time_generation(model, cfg, args, batch)}
             del model
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {device}  prompt {args.prompt_len} + {args.new_tokens} new tokens per sequence, greedy, "
@@ -102,6 +130,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     speedup = {b: rows[f"mod b{b}"]["tokens_per_s"] / rows[f"dense b{b}"]["tokens_per_s"] for b in args.batch}
     for b, x in speedup.items():
         print(f"batch {b}: MoD / dense sampling speed: {x:.3f}x  (target >= 1.4x with a trained router)")
+    if args.uncalibrated:
+        for b in args.batch:
+            print(f"batch {b}: MoD with thresholds at 0 / dense: "
+                  f"{rows[f'mod-t0 b{b}']['tokens_per_s'] / rows[f'dense b{b}']['tokens_per_s']:.3f}x")
     summary = {"device": device, "args": vars(args), "rows": rows,
                "mod_over_dense": {str(b): x for b, x in speedup.items()}}
     print("RESULT " + json.dumps(summary))
