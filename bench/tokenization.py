@@ -1,0 +1,285 @@
+"""Data preparation against the encoder's limit: `mod-prep-data` end-to-end MB/s vs encoding alone.
+
+For each tokenizer (a 32k sentencepiece BPE and a 32k Hugging Face byte-level BPE, trained here on
+a slice of the corpus unless given), measured in the same run:
+
+* the limit: the documents already in memory, encoded in this process on one thread, with no
+  reading, parsing, IPC or writing; MB/s of input text, times the cores;
+* `mod-prep-data` as a user runs it (a fresh process: interpreter start, imports, reading, writing
+  the .bin/.idx) with 1, 2, ... worker processes, and for a tokenizer.json also the library's own
+  batch encoding on N threads (``--parallel threads``); wall-clock MB/s, % of the limit, peak RSS of
+  the main process, and the time to the first encoded chunk (process start-up + until the first
+  chunk was written);
+* that every worker count gave byte-identical files.
+
+The corpus is given with ``--corpus`` (.jsonl); ``--make-corpus-mb N`` first writes one of N MB
+from the docstrings, then the .rst/.md/.txt documentation, of this Python's standard library and
+installed packages (deduplicated, in sorted file order; nothing is downloaded).
+
+(Not named ``bench/tokenize.py``: run as a script, that name would shadow the standard library's
+``tokenize`` module for every script in bench/.)
+
+Usage::
+
+    python bench/tokenization.py --corpus /tmp/tok_bench/corpus.jsonl --make-corpus-mb 60 \\
+        --workers 1 2 --out bench/results/tokenize_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+# ----------------------------------------------------------------------------- corpus
+def _docstrings(path: Path):
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError, RecursionError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and len(doc) >= 200:
+                yield doc
+
+
+def _text_files(root: Path):
+    """Documentation shipped as text (.rst/.md/.txt) under ``root``, one document per file."""
+    for path in sorted(p for ext in ("*.rst", "*.md", "*.txt") for p in root.rglob(ext)):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(text) >= 200:
+            yield text
+
+
+def corpus_documents():
+    """Docstrings (>= 200 chars) of the stdlib and installed packages, then their text documentation."""
+    roots = [Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])]
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            yield from _docstrings(path)
+    for root in roots:
+        yield from _text_files(root)
+
+
+def make_corpus(out: Path, megabytes: float) -> None:
+    """A .jsonl of the distinct :func:`corpus_documents`, up to ``megabytes``."""
+    seen, size, target = set(), 0, int(megabytes * 1e6)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for doc in corpus_documents():
+            key = hashlib.md5(doc.encode("utf-8", "replace")).digest()
+            if key in seen:
+                continue
+            seen.add(key)
+            line = json.dumps({"text": doc}, ensure_ascii=False) + "\n"
+            f.write(line)
+            size += len(line.encode("utf-8"))
+            if size >= target:
+                return
+    print(f"note: only {size / 1e6:.1f} MB of documents found", file=sys.stderr)
+
+
+def slice_corpus(corpus: Path, out: Path, megabytes: float) -> Path:
+    if not out.exists():
+        budget = int(megabytes * 1e6)
+        with open(corpus, "rb") as src, open(out, "wb") as dst:
+            for line in src:
+                dst.write(line)
+                budget -= len(line)
+                if budget <= 0:
+                    break
+    return out
+
+
+# ----------------------------------------------------------------------------- measurements
+@dataclass
+class Run:
+    tokenizer: str
+    mode: str  # "processes" or "threads"
+    workers: int
+    seconds: float
+    mb_per_s: float
+    first_chunk_s: float  # since the process started
+    max_rss_mb: float
+    digest: str
+
+
+def _load_docs(corpus: Path) -> List[str]:
+    from data_prep._io import iter_documents
+
+    return list(iter_documents([str(corpus)]))
+
+
+def encoder_limit(tokenizer: str, docs: List[str], corpus_bytes: int) -> Dict[str, float]:
+    """MB/s of one process on one thread encoding the in-memory documents (best of the encoder's ways)."""
+    from data_prep.encoders import TokenizerKind, load_encoder
+
+    enc = load_encoder(tokenizer)
+    batch = 2000
+    ways = {"one call per batch": lambda: [enc.encode_batch(docs[i:i + batch]) for i in range(0, len(docs), batch)]}
+    if enc.kind is TokenizerKind.HF:
+        tok = enc.tok
+        ways = {"encode() per text": lambda: [tok.encode(d, add_special_tokens=False).ids for d in docs]}
+    result = {}
+    for name, fn in ways.items():
+        t0 = time.perf_counter()
+        fn()
+        result[name] = corpus_bytes / 1e6 / (time.perf_counter() - t0)
+    return result
+
+
+def run_cli(corpus: Path, tokenizer: str, out_prefix: Path, workers: int, mode: str) -> Run:
+    """`mod-prep-data` in a fresh process; wall time from launch, the main process's peak RSS."""
+    cmd = [sys.executable, "-m", "data_prep.tokenize_corpus", "-i", str(corpus), "-t", tokenizer,
+           "-o", str(out_prefix), "-w", str(workers), "--parallel", mode, "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"mod-prep-data failed: {' '.join(cmd)}\n{err[-3000:]}")
+    inside = float(out.split(" in ")[-1].split(" s ")[0])
+    first = float(out.split("first chunk after ")[1].split(" s")[0])
+    h = hashlib.sha256()
+    for ext in (".bin", ".idx"):
+        h.update(Path(str(out_prefix) + ext).read_bytes())
+    size = corpus.stat().st_size
+    return Run(tokenizer=tokenizer, mode=mode, workers=workers, seconds=wall, mb_per_s=size / 1e6 / wall,
+               first_chunk_s=(wall - inside) + first, max_rss_mb=usage.ru_maxrss / 1024, digest=h.hexdigest()[:12])
+
+
+def import_seconds() -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import data_prep.tokenize_corpus"], cwd=REPO, check=True)
+    return time.perf_counter() - t0
+
+
+def heavy_modules() -> List[str]:
+    code = ("import sys, data_prep.tokenize_corpus, data_prep.merge; "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron'))))")
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True,
+                          text=True).stdout.split()
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", type=Path, required=True, help=".jsonl corpus (made first with --make-corpus-mb)")
+    p.add_argument("--make-corpus-mb", type=float, default=None, help="write a corpus of this size if missing")
+    p.add_argument("--work-dir", type=Path, default=None, help="tokenizers and outputs (default: beside the corpus)")
+    p.add_argument("--sp-tokenizer", default=None, help="sentencepiece .model (default: train a 32k BPE here)")
+    p.add_argument("--hf-tokenizer", default=None, help="tokenizer.json or its directory (default: train here)")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--train-mb", type=float, default=10.0, help="corpus slice the tokenizers are trained on")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--out", type=Path, default=None, help="write the results as markdown here")
+    a = p.parse_args(argv)
+
+    if not a.corpus.exists():
+        if a.make_corpus_mb is None:
+            raise SystemExit(f"{a.corpus} does not exist: pass --make-corpus-mb N to create it")
+        make_corpus(a.corpus, a.make_corpus_mb)
+    work = a.work_dir or a.corpus.parent / "bench_work"
+    work.mkdir(parents=True, exist_ok=True)
+    corpus_bytes = a.corpus.stat().st_size
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load_before = load_avg()
+
+    from data_prep.train_hf_tokenizer import train_hf_bpe
+    from data_prep.train_tokenizer import train_tokenizer
+
+    train_slice = slice_corpus(a.corpus, work / "train_slice.jsonl", a.train_mb)
+    tokenizers = {}
+    sp = a.sp_tokenizer or str(work / "sp32k.model")
+    if not Path(sp).exists():
+        train_tokenizer([str(train_slice)], sp[: -len(".model")], a.vocab_size, max_sentences=300_000)
+    tokenizers["sentencepiece"] = sp
+    hf = a.hf_tokenizer or str(work / "hf32k")
+    if not Path(hf).exists():
+        train_hf_bpe([str(train_slice)], hf, a.vocab_size)
+    tokenizers["hf-bpe"] = hf
+
+    docs = _load_docs(a.corpus)
+    rows = []
+    for name, tok in tokenizers.items():
+        limits = encoder_limit(tok, docs, corpus_bytes)
+        limit_1 = max(limits.values())
+        modes = [("processes", w) for w in a.workers]
+        if name == "hf-bpe":
+            modes += [("threads", w) for w in a.workers if w > 1]
+        runs = [run_cli(a.corpus, tok, work / f"out_{name}_{m}_{w}", w, m) for m, w in modes]
+        identical = len({r.digest for r in runs}) == 1
+        rows.append((name, limits, limit_1, runs, identical))
+        print(f"{name}: limit {limit_1:.2f} MB/s/core ({limits}); identical outputs: {identical}")
+        for r in runs:
+            lim = limit_1 * min(r.workers, cores)
+            print(f"  {r.mode} x{r.workers}: {r.mb_per_s:.2f} MB/s = {100 * r.mb_per_s / lim:.0f}% of {lim:.2f}; "
+                  f"first chunk {r.first_chunk_s:.2f} s; rss {r.max_rss_mb:.0f} MB")
+    imp = import_seconds()
+    heavy = heavy_modules()
+    load_after = load_avg()
+    print(f"start-up (python + import data_prep.tokenize_corpus): {imp:.2f} s; torch/megatron imported: {heavy}")
+    print(f"load average before {load_before}, after {load_after}; cores {cores}")
+
+    if a.out:
+        lines = [
+            "# Data preparation vs the encoder's limit (CPU)",
+            "",
+            "```bash",
+            "python bench/tokenization.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "```",
+            "",
+            f"Corpus: {a.corpus.name}, {corpus_bytes / 1e6:.1f} MB, {len(docs)} documents. Cores: {cores}. "
+            f"Load average (1/5/15 min) before: {load_before}, after: {load_after}. Tokenizers: "
+            f"{a.vocab_size} ids, trained on the first {a.train_mb:g} MB.",
+            "",
+            "Limit = the documents in memory encoded by one process on one thread (no reading, parsing, IPC or "
+            "writing), times the workers (at most the cores). End to end = `mod-prep-data` in a fresh process, "
+            "wall clock from launch to exit. First chunk = from launch until the first encoded chunk was written.",
+            "",
+            "| tokenizer | parallel | workers | MB/s | limit MB/s | % of limit | first chunk (s) | main RSS (MB) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, limits, limit_1, runs, identical in rows:
+            for r in runs:
+                lim = limit_1 * min(r.workers, cores)
+                lines.append(f"| {name} | {r.mode} | {r.workers} | {r.mb_per_s:.2f} | {lim:.2f} | "
+                             f"{100 * r.mb_per_s / lim:.0f}% | {r.first_chunk_s:.2f} | {r.max_rss_mb:.0f} |")
+        lines.append("")
+        for name, limits, limit_1, runs, identical in rows:
+            ways = ", ".join(f"{k}: {v:.2f} MB/s" for k, v in limits.items())
+            lines.append(f"- {name}: one thread {ways}; outputs of all rows byte-identical: {identical}.")
+        lines.append(f"- Start-up (`python -c 'import data_prep.tokenize_corpus'`): {imp:.2f} s; torch/megatron "
+                     f"modules imported by mod-prep-data / mod-prep-merge: {heavy or 'none'}.")
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
