@@ -613,4 +613,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    # Here, not in main(): tests call main() in-process. Dependency warnings summed up in one line.
+    from mod_train.tracking.console import configure_console
+
+    configure_console(program="mod-generate")
     sys.exit(main())

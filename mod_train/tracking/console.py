@@ -36,14 +36,24 @@ KNOWN_DEPENDENCY_WARNINGS: Sequence[Pattern[str]] = tuple(re.compile(p) for p in
     r"Apex is not installed",
     r"Megatron-FSDP|Detected Megatron Core",  # megatron's FSDP module announcing itself
     r"Setting accelerator to CPU",  # DeepSpeed on a machine without GPUs
-    r"^DeepSpeed \S+ built successfully",  # DeepSpeed's shm comm op, printed on first use
     r"\bdeprecated\b",  # deprecations inside torch / megatron / DeepSpeed, not in our calls
     r"Unknown MLP type",  # megatron on our MoE layer subclass (see model/moe.py)
 ))
 
 
+# Lines the dependencies print() to stdout; only these are taken out of stdout, so that program
+# output (a generated text that happens to say "deprecated") is never filtered.
+KNOWN_DEPENDENCY_PRINTS: Sequence[Pattern[str]] = tuple(re.compile(p) for p in (
+    r"^DeepSpeed \S+ built successfully",  # DeepSpeed's shm comm op, printed on first use
+))
+
+
 def is_known_dependency_warning(message: str) -> bool:
     return any(p.search(message) for p in KNOWN_DEPENDENCY_WARNINGS)
+
+
+def is_known_dependency_print(line: str) -> bool:
+    return any(p.search(line) for p in KNOWN_DEPENDENCY_PRINTS)
 
 
 @dataclass(frozen=True)
@@ -129,19 +139,28 @@ class _LineFilter(io.TextIOBase):
 class QuietConsole:
     """Applies a ``ConsolePolicy`` to this process (``install``) and counts what it suppressed."""
 
-    def __init__(self, policy: ConsolePolicy) -> None:
+    def __init__(self, policy: ConsolePolicy, program: str = "mod-train") -> None:
         self.policy = policy
+        self.program = program  # the summary line's prefix
         self.suppressed = 0  # known dependency warnings not printed on this rank
         self._stdout: Optional[TextIO] = None
 
     # -- decisions (also used by tests)
     def allow(self, message: str, levelno: int = logging.WARNING) -> bool:
-        """Whether a message of this level may reach the console; counts suppressed warnings."""
+        """Whether a warning or log message of this level may reach the console; counts the
+        suppressed known ones."""
+        return self._allow(message, levelno, is_known_dependency_warning)
+
+    def allow_print(self, line: str) -> bool:
+        """Whether a line written to stdout may reach the console."""
+        return self._allow(line, logging.WARNING, is_known_dependency_print)
+
+    def _allow(self, message: str, levelno: int, is_known: Callable[[str], bool]) -> bool:
         if levelno >= logging.ERROR:
             return True
         if not self.policy.show_this_rank:
             return False
-        if self.policy.suppress_known and is_known_dependency_warning(message):
+        if self.policy.suppress_known and is_known(message):
             self.suppressed += 1
             return False
         return True
@@ -149,7 +168,7 @@ class QuietConsole:
     def summary(self) -> Optional[str]:
         if not self.suppressed or not self.policy.show_this_rank:
             return None
-        return (f"mod-train: suppressed {self.suppressed} known dependency warnings "
+        return (f"{self.program}: suppressed {self.suppressed} known dependency warnings "
                 f"(set {LOGLEVEL_ENV}=INFO to see them)")
 
     # -- installation
@@ -170,7 +189,7 @@ class QuietConsole:
         logging.getLogger("DeepSpeed").addFilter(counting)
         warnings.showwarning = self._show_warning
         self._stdout = sys.stdout
-        sys.stdout = _LineFilter(sys.stdout, self.allow)
+        sys.stdout = _LineFilter(sys.stdout, self.allow_print)
         atexit.register(self._print_summary)
         return self
 
@@ -186,9 +205,11 @@ class QuietConsole:
             self._stdout.flush()
 
 
-def configure_console(log_all_ranks: bool = False, rank: Optional[int] = None) -> QuietConsole:
-    """Install the console policy of this process: ``rank`` defaults to torchrun's RANK."""
+def configure_console(log_all_ranks: bool = False, rank: Optional[int] = None,
+                      program: str = "mod-train") -> QuietConsole:
+    """Install the console policy of this process: ``rank`` defaults to torchrun's RANK;
+    ``program`` prefixes the summary line."""
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
     policy = ConsolePolicy.from_env(rank, log_all_ranks=log_all_ranks, env_level=os.environ.get(LOGLEVEL_ENV))
-    return QuietConsole(policy).install()
+    return QuietConsole(policy, program).install()

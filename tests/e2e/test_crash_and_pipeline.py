@@ -1,6 +1,7 @@
 """End-to-end: kill -9 during a checkpoint save, and the `make demo` pipeline on the bundled corpus."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,8 +68,19 @@ def test_demo_pipeline_end_to_end(tmp_path):
                         "--data-dir", str(data_dir), "--run-dir", str(run_dir), f"tracking.tracking_uri={store}",
                         "train.log_interval=1", "checkpoint.save_interval=5"],
                        cwd=REPO, capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**{k: v for k, v in os.environ.items() if k != "MOD_TRAIN_LOGLEVEL"},
+                            "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # A quiet console: only rank 0 prints (each step's line once), the dependencies' warnings are
+    # summed up in one line per program run, no line repeats.
+    console = (r.stdout + r.stderr).splitlines()
+    assert not [line for line in console if "Warning" in line], r.stderr[-3000:]
+    assert sum(" iteration " in line for line in console) == 20
+    summaries = [line for line in console if "known dependency warnings" in line]
+    assert 1 <= len(summaries) <= 3  # two training invocations and mod-generate
+    lines = [line for line in console if line.strip() and line not in summaries
+             and not re.fullmatch(r"\s+\(\d+\.\d s\)", line)]  # the demo's timings may coincide
+    assert not {line for line in lines if lines.count(line) > 1}, console
     assert (data_dir / "tokenizer.model").is_file()
     assert (data_dir / "corpus_text_document.bin").is_file() and (data_dir / "corpus_text_document.idx").is_file()
     latest = CheckpointDir(run_dir / "checkpoints").find_latest()

@@ -14,11 +14,13 @@ import pytest
 
 from mod_train.tracking.console import ConsolePolicy, QuietConsole, is_known_dependency_warning
 
+GENERATED = "a generated text: Apex is not installed, it is deprecated"
 SCRIPT = textwrap.dedent("""
     import logging, sys, warnings
     from mod_train.tracking.console import configure_console
     configure_console(log_all_ranks={all_ranks})
     print("hello from the trainer")
+    print("{generated}")
     warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.")
     warnings.warn("Apex is not installed. Falling back to Torch Norm")
     warnings.warn("something new about our own code")
@@ -35,7 +37,7 @@ def run_rank(rank: int, level: str = "", all_ranks: bool = False) -> str:
     if level:
         env["MOD_TRAIN_LOGLEVEL"] = level
     # logging as Hydra leaves it: a root handler at INFO
-    code = "import logging; logging.basicConfig(level=logging.INFO)\n" + SCRIPT.format(all_ranks=all_ranks)
+    code = "import logging; logging.basicConfig(level=logging.INFO)\n" + SCRIPT.format(all_ranks=all_ranks, generated=GENERATED)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout + r.stderr
@@ -44,6 +46,8 @@ def run_rank(rank: int, level: str = "", all_ranks: bool = False) -> str:
 def test_rank_0_prints_its_own_lines_and_one_summary():
     out = run_rank(0)
     assert "hello from the trainer" in out
+    assert GENERATED in out  # program output stays, even when it says a known word
+    out = out.replace(GENERATED, "")
     assert "something new about our own code" in out  # unknown warnings still show
     assert "a real error" in out
     for noise in ("Transformer Engine", "Apex", "Megatron-FSDP", "Setting accelerator", "built successfully",
@@ -60,7 +64,8 @@ def test_other_ranks_print_only_errors():
 
 def test_log_all_ranks_lets_another_rank_print_but_keeps_the_summary():
     out = run_rank(1, all_ranks=True)
-    assert "hello from the trainer" in out and "something new" in out and "Apex" not in out
+    assert "hello from the trainer" in out and "something new" in out and GENERATED in out
+    assert "Apex" not in out.replace(GENERATED, "")
     assert "suppressed 5 known dependency warnings" in out
 
 
@@ -92,4 +97,8 @@ def test_counting_and_known_patterns():
     assert console.allow("Apex is not installed", logging.ERROR)  # errors always show
     assert console.suppressed == 2 and "suppressed 2 known" in console.summary()
     assert not is_known_dependency_warning("MLflow tracking at http://x is unreachable")
+    # stdout: only the known prints go, never program output that mentions a known word
+    assert not console.allow_print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+    assert console.allow_print("The API was deprecated in the last version")
+    assert console.suppressed == 3
     assert QuietConsole(ConsolePolicy.from_env(0)).summary() is None  # nothing suppressed: no line
