@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mod_train.model.aux_losses import AuxLossRecorder
+from mod_train.tracking import keys as K
 from mod_train.model.mod import CausalThresholdCalibrator, causal_routing, mod_layers_of
 
 
@@ -61,7 +62,7 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses.view(-1) * mask) / mask.sum().clamp(min=1)
     # clone: the schedule divides the returned loss by num_microbatches in place.
-    return loss, {"lm loss": loss.detach().clone()}
+    return loss, {K.LM_LOSS: loss.detach().clone()}
 
 
 def make_forward_step(aux: AuxLossRecorder) -> Callable:
@@ -148,14 +149,14 @@ class StepRunner:
         """
         value = torch.zeros(1, dtype=torch.float64, device=self.engine.device)
         if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
-            value[0] = torch.stack([d["lm loss"].reshape(()) for d in losses]).double().mean()
+            value[0] = torch.stack([d[K.LM_LOSS].reshape(()) for d in losses]).double().mean()
         if ps.get_pipeline_model_parallel_world_size() > 1:
             last = ps.get_pipeline_model_parallel_last_rank()
             dist.broadcast(value, src=last, group=ps.get_pipeline_model_parallel_group())
         if ps.get_data_parallel_world_size() > 1:
             dist.all_reduce(value, group=ps.get_data_parallel_group())
             value /= ps.get_data_parallel_world_size()
-        out = {"lm loss": float(value[0])}
+        out = {K.LM_LOSS: float(value[0])}
         summary = self.aux.summary()
         if ps.get_pipeline_model_parallel_world_size() > 1:
             # Routing statistics live with their layers: merge the stages' (disjoint) layer sets.
@@ -196,12 +197,12 @@ class StepRunner:
             v.train()
         metrics = self._run(self._read_batches(data_iterator), forward_only=False)
         self._sync_tied_embedding_grads()
-        metrics.extra["learning rate"] = self.engine.get_lr()[0]  # the LR this update uses
+        metrics.extra[K.LEARNING_RATE] = self.engine.get_lr()[0]  # the LR this update uses
         self.engine.step()
         self.calibrator.update()
         grad_norm = self.engine.get_global_grad_norm()  # None under ZeRO stage 0 (DeepSpeed keeps it internal)
         if grad_norm is not None:
-            metrics.extra["grad norm"] = grad_norm
+            metrics.extra[K.GRAD_NORM] = grad_norm
         return metrics
 
     @torch.no_grad()
@@ -217,5 +218,5 @@ class StepRunner:
         if self.has_mod:
             with causal_routing([v.module for v in self.views]):
                 causal = self._run(batches, forward_only=True).materialize()
-            metrics["lm loss (causal)"] = causal["lm loss"]
+            metrics[K.LM_LOSS_CAUSAL] = causal[K.LM_LOSS]
         return metrics

@@ -13,6 +13,7 @@ ITER_TIME_MS = "elapsed time per iteration (ms)"
 LEARNING_RATE = "learning rate"
 GLOBAL_BATCH_SIZE = "global batch size"
 LM_LOSS = "lm loss"
+LM_LOSS_CAUSAL = "lm loss (causal)"  # MoD eval: each layer routes by its causal decision
 LOSS_SCALE = "loss scale"
 GRAD_NORM = "grad norm"
 TOKENS_PER_S = "tokens/s"
