@@ -53,15 +53,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from mod_train.config.schema import ModConfig
+from mod_train.model.flops import routed_tokens
 from mod_train.model.moe import ensure_router_gemm_fallback
+from mod_train.model.routing_stats import RoutingStatsSource
 
 
 # ----------------------------------------------------------------------------- routing primitives
-def routed_count(capacity: float, seq_len: int) -> int:
-    """k, the number of tokens a MoD layer of this capacity routes in a sequence of ``seq_len``."""
-    return max(1, round(capacity * seq_len))
-
-
 def topk_indices(logits: torch.Tensor, k: int) -> torch.Tensor:
     """[b, s] router logits -> [b, k] indices of the top-k tokens, in sequence order."""
     return torch.topk(logits, k, dim=1, sorted=False).indices.sort(dim=1).values
@@ -221,33 +218,26 @@ class MoDRouter(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------- the layer
-class MoDTransformerLayer(TransformerLayer):
+class MoDTransformerLayer(TransformerLayer, RoutingStatsSource):
     """A megatron-core TransformerLayer that only processes the top-k tokens of each sequence."""
 
     def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout=None, pg_collection=None,
-                 vp_stage=None, capacity: float = 0.125, mod: Optional[ModConfig] = None, seq_length: int = 0):
+                 vp_stage=None, capacity: float = 0.125, mod: Optional[ModConfig] = None, seq_length: int = 0,
+                 aux_loss_scale: float = 1.0):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage)
         mod = mod or ModConfig(enabled=True)
         self.capacity = capacity
         self.aux_loss_coeff = mod.aux_loss_coeff
-        # Set by the trainer to 1/num_microbatches so the auxiliary gradient matches the LM loss's.
-        self.aux_loss_scale = 1.0
+        # 1/num_microbatches (from the layer spec) so the auxiliary gradient matches the LM loss's.
+        self.aux_loss_scale = aux_loss_scale
         # "topk" while training and evaluating; "causal" applies the per-token decision (sampling).
         self.routing = "topk"
         self.router = MoDRouter(config.hidden_size, mod, config.init_method_std)
-        self._recorder = None
-        self._stats: dict = {}
-
-    def attach_recorder(self, recorder) -> None:
-        self._recorder = recorder
-
-    def routing_stats(self) -> dict:
-        return {k: float(v) for k, v in self._stats.items()}
 
     def k_for(self, seq_len: int) -> int:
         """Tokens routed in a sequence of ``seq_len`` (derived at every forward, not from the config)."""
-        return routed_count(self.capacity, seq_len)
+        return routed_tokens(self.capacity, seq_len)
 
     def _sequence_parallel(self) -> bool:
         return self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1
@@ -356,7 +346,7 @@ class MoDTransformerLayer(TransformerLayer):
         hits = (decision * target).sum()
         prefix = f"mod/layer{self.layer_number}"
         routed_frac = decision.mean()
-        self._stats = {
+        self.publish_stats({
             f"{prefix}/causal_routed_frac": routed_frac,
             # 1.0: sampling routes as many tokens as training did (capacity = k / s)
             f"{prefix}/causal_routed_vs_capacity": routed_frac / share,
@@ -365,10 +355,7 @@ class MoDTransformerLayer(TransformerLayer):
             f"{prefix}/causal_acc": (decision == target).float().mean(),
             f"{prefix}/causal_threshold": self.router.causal_threshold.detach().clone(),
             f"{prefix}/aux_loss": aux,
-        }
-        if self._recorder is not None:
-            for name, value in self._stats.items():
-                self._recorder.record(name, value)
+        })
 
 
 def mod_layers_of(modules: Iterable[torch.nn.Module]) -> List[MoDTransformerLayer]:
@@ -414,7 +401,10 @@ class CausalThresholdCalibrator:
             router.update_threshold(target)
 
 
-def mod_layer_spec(base: ModuleSpec, capacity: float, mod: ModConfig, seq_length: int) -> ModuleSpec:
-    """The MoD twin of a dense/MoE layer spec: same submodules, routed module."""
+def mod_layer_spec(base: ModuleSpec, capacity: float, mod: ModConfig, seq_length: int,
+                   aux_loss_scale: float = 1.0) -> ModuleSpec:
+    """The MoD twin of a dense/MoE layer spec: same submodules, routed module. ``aux_loss_scale``:
+    1/num_microbatches, so the auxiliary gradient is scaled like the LM loss's."""
     return ModuleSpec(module=MoDTransformerLayer, submodules=base.submodules,
-                      params={"capacity": capacity, "mod": mod, "seq_length": seq_length})
+                      params={"capacity": capacity, "mod": mod, "seq_length": seq_length,
+                              "aux_loss_scale": aux_loss_scale})

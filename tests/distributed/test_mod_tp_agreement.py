@@ -54,12 +54,13 @@ def _tied_input(rank: int, layer, length: int):
     rank 0; rank 1's weight is one ulp larger on the feature of the token rank 0 did not pick."""
     import torch
 
-    from mod_train.model.mod import routed_count, topk_indices
+    from mod_train.model.flops import routed_tokens
+    from mod_train.model.mod import topk_indices
 
     torch.manual_seed(5)
     x = torch.zeros(length, B, H)
     x[:, :, 2:] = torch.randn(length, B, H - 2)
-    k = routed_count(layer.capacity, length)
+    k = routed_tokens(layer.capacity, length)
     # Feature 0 carries the score: k - 1 clear winners, then the tie, then clear losers.
     scores = torch.linspace(-4.0, -1.0, length)
     winners = [i for i in range(length) if i not in (TIE_A, TIE_B)][: k - 1]

@@ -14,8 +14,8 @@ from mod_train.model.mod import (
     MoDTransformerLayer,
     causal_routing,
     quantile_threshold,
-    routed_count,
 )
+from mod_train.model.flops import routed_tokens
 from tests.unit.test_mod import B, H, S, make_layers, rope_table
 
 
@@ -61,11 +61,11 @@ def test_k_follows_the_sequence_length(megatron_tp1, capacity):
         x = torch.randn(length, B, H)
         out, _ = mod(x, attention_mask=None, rotary_pos_emb=rope[:length])
         changed = (out != x).any(-1)  # [length, B]: tokens the block touched
-        assert changed.sum(0).tolist() == [routed_count(capacity, length)] * B, (capacity, length)
+        assert changed.sum(0).tolist() == [routed_tokens(capacity, length)] * B, (capacity, length)
 
 
-def test_routed_count_is_at_least_one():
-    assert routed_count(0.125, 1) == 1 and routed_count(0.125, 16) == 2 and routed_count(0.125, 2048) == 256
+def test_routed_tokens_is_at_least_one():
+    assert routed_tokens(0.125, 1) == 1 and routed_tokens(0.125, 16) == 2 and routed_tokens(0.125, 2048) == 256
 
 
 # ----------------------------------------------------------------------------- point 3: calibration
