@@ -128,3 +128,32 @@ def test_training_tokenizer_wrapper(hf):
     assert tok.detokenize(tok.tokenize("def f(x):\n    return x")) == "def f(x):\n    return x"
     assert json.loads(json.dumps(tok.unique_identifiers))["tokenizer_path"] == info.model_path
     assert tokenizer_vocab_size(str(d / "tok")) == tokenizer_vocab_size(info.model_path) == VOCAB
+
+
+def test_sentencepiece_bpe_converts_to_identical_hf_encoder(hf, tmp_path):
+    """A mod-prep-tokenizer BPE model as a tokenizer.json: same ids on the bundled corpus and on edge cases,
+    hence byte-identical mod-prep-data output; a model with user-defined pieces is refused."""
+    from data_prep._io import iter_documents
+    from data_prep.sp_to_hf import check_same_ids, convert, write
+    from data_prep.train_tokenizer import train_tokenizer
+
+    d, _, _ = hf
+    sp_info = train_tokenizer([str(BUNDLED_CORPUS)], str(tmp_path / "sp"), 1000, num_threads=2)
+    texts = list(iter_documents([str(BUNDLED_CORPUS)]))[:1500]
+    texts += ["  leading  and   many    spaces\t\ttabs\n\n x", "unicode: naïve café 中文 🙂 ЖЖЖ", " ", "a" * 60 + " 1234567",
+              "\u2581x \u2581\u2581 y", "<s> </s> <pad> <unk> <0x41>", "trailing   "]
+    assert check_same_ids(sp_info.model_path, convert(sp_info.model_path), texts) == 0
+    write(sp_info.model_path, str(tmp_path / "conv"))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    a = tokenize_corpus([str(corpus)], sp_info.model_path, str(tmp_path / "a"), workers=1, progress=False)
+    b = tokenize_corpus([str(corpus)], str(tmp_path / "conv"), str(tmp_path / "b"), workers=2, parallel="threads",
+                        progress=False)
+    assert (a.tokenizer_kind, b.tokenizer_kind, b.eod_id) == ("sentencepiece", "hf", a.eod_id)
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes()
+
+    user = train_tokenizer([str(d / "docs.jsonl")], str(tmp_path / "user"), 500, special_tokens=["<mask>"],
+                           num_threads=2)
+    with pytest.raises(DataPrepError, match=r"does not convert exactly.*user-defined pieces \['<mask>'\]"):
+        convert(user.model_path)
