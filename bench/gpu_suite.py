@@ -50,7 +50,7 @@ BENCH = REPO / "bench"
 PARTS = ("env", "smoke", "throughput", "mod_layer", "sampling", "isoflop")
 # Time shares at GPU scale, where a preset's run costs its steps; at tiny scale every child costs
 # about its start-up (imports), so the shares are more even.
-SHARES = {"env": 0.03, "smoke": 0.12, "throughput": 0.40, "mod_layer": 0.07, "sampling": 0.25, "isoflop": 0.13}
+SHARES = {"env": 0.03, "smoke": 0.14, "throughput": 0.45, "mod_layer": 0.06, "sampling": 0.22, "isoflop": 0.10}
 TINY_SHARES = {"env": 0.05, "smoke": 0.25, "throughput": 0.30, "mod_layer": 0.10, "sampling": 0.20, "isoflop": 0.10}
 # bf16 on the GPU against fp32 on the CPU, same seed and synthetic data: the largest difference of
 # the LM loss at any logged step (nats) that still counts as tracking.
@@ -67,7 +67,7 @@ class Scale:
     throughput_models: Tuple[str, ...]  # in priority order: the dense twin first
     dense_twin: str
     with_reference: Tuple[str, ...]
-    throughput_args: Tuple[str, ...]
+    step_args: Tuple[str, ...]  # --steps/--warmup/--micro-batch/--vocab of throughput.py and reference_gpt.py
     mod_layer_args: Tuple[str, ...]
     sampling_models: Tuple[str, str]
     sampling_max_steps: int
@@ -86,20 +86,19 @@ SCALES = {
         throughput_models=("gpt_350m", "gpt_350m_mod", "gpt_1b", "gpt_350m_moe", "gpt_350m_mode_staged",
                            "gpt_350m_mode_integrated", "gpt_125m"),
         dense_twin="gpt_350m", with_reference=("gpt_350m", "gpt_1b", "gpt_125m"),
-        throughput_args=("--scale", "gpu", "--steps", "10", "--warmup", "3", "--micro-batch", "4"),
+        step_args=("--steps", "10", "--warmup", "3", "--micro-batch", "4", "--vocab", "32000"),
         mod_layer_args=("--hidden", "2048", "--heads", "16", "--seq", "4096", "--batch", "4", "--rounds", "3"),
         sampling_models=("gpt_350m", "gpt_350m_mod"), sampling_max_steps=3000,
         sampling_args=("--prompt-len", "32", "--new-tokens", "96", "--repeats", "3"),
         train_args=("parallel.micro_batch_size=8", "optim.lr=6e-4", "optim.min_lr=6e-5"),
         tokenizer_vocab=8192, isoflop_dense="gpt_125m", isoflop_variants="dense,mod", shares=SHARES,
-        prior_s={"smoke": 60, "throughput": 45, "throughput+ref": 90, "mod_layer": 40,
+        prior_s={"smoke": 60, "throughput": 35, "reference": 60, "mod_layer": 40,
                  "prep": 40, "train": 60, "sample": 60, "isoflop_startup": 30, "isoflop": 120}),
     "tiny": Scale(
         smoke_models=("tiny", "tiny_mod"),
         throughput_models=("tiny", "tiny_mod", "tiny_moe", "tiny_mode_staged", "tiny_mode_integrated"),
         dense_twin="tiny", with_reference=("tiny",),
-        throughput_args=("--scale", "tiny", "--steps", "3", "--warmup", "1", "--micro-batch", "2",
-                         "--vocab", "512"),
+        step_args=("--steps", "3", "--warmup", "1", "--micro-batch", "2", "--vocab", "512"),
         mod_layer_args=("--hidden", "64", "--heads", "4", "--seq", "128", "--batch", "2", "--iters", "2",
                         "--warmup", "1", "--rounds", "1"),
         sampling_models=("tiny", "tiny_mod"), sampling_max_steps=30,
@@ -107,7 +106,7 @@ SCALES = {
         train_args=("parallel.micro_batch_size=4",),
         tokenizer_vocab=512, isoflop_dense="tiny", isoflop_variants="dense,mod", shares=TINY_SHARES,
         # on 2 idle CPU cores; a child costs ~8 s of imports and start-up
-        prior_s={"smoke": 12, "throughput": 12, "throughput+ref": 20, "mod_layer": 10,
+        prior_s={"smoke": 12, "throughput": 12, "reference": 8, "mod_layer": 10,
                  "prep": 10, "train": 12, "sample": 12, "isoflop_startup": 10, "isoflop": 40}),
 }
 
@@ -248,6 +247,8 @@ def item(ctx: Context, part: str, name: str, estimate_s: float, fn: Callable[[],
 
 
 def outcome(code: Optional[int], stdout: str, parsed: Optional[dict]) -> dict:
+    if code is None and parsed is not None:  # its figures were out before the kill (exiting is slow)
+        return {"status": "done", "note": "killed at the end of the part's time share, after its result"}
     if code is None:
         return {"status": "timed out", "error": "killed at the end of the part's time share"}
     if code != 0 or parsed is None:
@@ -364,41 +365,60 @@ def part_smoke(ctx: Context) -> None:
 
 
 def part_throughput(ctx: Context) -> None:
+    """Our step for every preset first (one throughput.py run each), then the plain-PyTorch
+    reference of the dense ones (reference_gpt.py, as throughput.py would run it), so a short
+    budget loses references before presets."""
     scale = ctx.scale
-    measured: Dict[bool, float] = {}
+    items = ctx.rec.part("throughput")["items"]
+    estimate = scale.prior_s["throughput"]
     for model in scale.throughput_models:
-        with_ref = model in scale.with_reference
-        estimate = measured.get(with_ref, scale.prior_s["throughput+ref" if with_ref else "throughput"])
-
-        def run(model=model, with_ref=with_ref) -> dict:
-            cmd = [sys.executable, str(BENCH / "throughput.py"), *scale.throughput_args, "--models", model,
-                   "--dense", model, *([] if with_ref else ["--no-reference"])]
+        def run(model=model) -> dict:
+            cmd = [sys.executable, str(BENCH / "throughput.py"), "--scale", ctx.args.scale, *scale.step_args,
+                   "--models", model, "--dense", model, "--no-reference"]
             code, out, _ = ctx.run("throughput", model, cmd)
             parsed = result_line(out)
             res = outcome(code, out, parsed)
-            if parsed:
-                for name, r in parsed["results"].items():
-                    key = "reference" if name.endswith("(reference)") else "ours"
-                    if "error" in r:
-                        res[key] = {"error": r["error"]}
-                        res["status"] = "failed"
-                        continue
-                    res[key] = {"ms": r.get("ms"), "tokens_per_s": r.get("tokens/s", r.get("tokens_per_s")),
-                                "tflops": r.get("TFLOP/s/device"),
-                                "memory_gb": r.get("memory (GB)", r.get("memory_gb")),
-                                "flops_per_token": r.get("flops/token")}
+            r = parsed["results"].get(model, {}) if parsed else {}
+            if "error" in r:
+                res.update(status="failed", error=r["error"])
+            elif r:
+                res["ours"] = {"ms": r.get("ms"), "tokens_per_s": r.get("tokens/s"), "tflops": r.get("TFLOP/s/device"),
+                               "memory_gb": r.get("memory (GB)"), "flops_per_token": r.get("flops/token"),
+                               "loss_first_last": r.get("loss first/last")}
                 res["bench_peak_tflops"] = parsed.get("peak_tflops_measured")
             return res
 
         done = item(ctx, "throughput", model, estimate, run)
         if done and done.get("status") == "done":
-            measured[with_ref] = done["wall_s"]
+            estimate = done["wall_s"]
+    estimate = scale.prior_s["reference"]
+    for model in scale.with_reference:
+        ours = items.get(model, {}).get("ours")
+        if not ours:
+            continue
+
+        def run_ref(model=model, ours=ours) -> dict:
+            cmd = [sys.executable, str(BENCH / "reference_gpt.py"), "--model", model, *scale.step_args]
+            code, out, _ = ctx.run("throughput", f"{model} reference", cmd)
+            parsed = result_line(out)
+            res = outcome(code, out, parsed)
+            if parsed:
+                res["ms"], res["tokens_per_s"] = parsed.get("ms_per_step"), parsed.get("tokens_per_s")
+                res["memory_gb"] = parsed.get("memory_gb")
+                if res["tokens_per_s"] and ours.get("flops_per_token"):
+                    res["tflops"] = ours["flops_per_token"] * res["tokens_per_s"] / 1e12
+            return res
+
+        done = item(ctx, "throughput", f"{model} (reference)", estimate, run_ref)
+        if done and done.get("status") == "done":
+            estimate = done["wall_s"]
+            items[model]["reference"] = {k: done.get(k) for k in ("ms", "tokens_per_s", "tflops", "memory_gb")}
     # Ratios against the env part's peak and the dense twin, once all are in.
     items = ctx.rec.part("throughput")["items"]
     peak = peak_tflops(ctx)
     dense_ms = items.get(scale.dense_twin, {}).get("ours", {}).get("ms")
     for model, r in items.items():
-        ours, ref = r.get("ours", {}), r.get("reference", {})
+        ours, ref = r.get("ours") or {}, r.get("reference") or {}
         if ours.get("tflops") and peak:
             ours["mfu"] = ours["tflops"] / peak
         if ours.get("ms") and dense_ms:
@@ -459,6 +479,12 @@ def part_sampling(ctx: Context) -> None:
         return
     # Each twin trains for an equal part of what is left after sampling's own estimate.
     train_s = (ctx.clock.left() - prior["sample"]) / 2
+    if train_s < prior["train"]:
+        reason = (f"would overrun: each twin needs ~{prior['train']:.0f} s of training and sampling "
+                  f"~{prior['sample']:.0f} s, {ctx.clock.left():.0f} s left of the part's share")
+        for name in [f"train {m}" for m in scale.sampling_models] + ["sample"]:
+            ctx.rec.part("sampling")["items"][name] = {"status": "skipped", "reason": reason}
+        return
     checkpoints = []
     for model in scale.sampling_models:
         def train(model=model, train_s=train_s) -> dict:
@@ -480,7 +506,7 @@ def part_sampling(ctx: Context) -> None:
                 checkpoints.append(run_dir / "checkpoints")
             return res
 
-        item(ctx, "sampling", f"train {model}", min(prior["train"], max(train_s, 1.0)), train)
+        item(ctx, "sampling", f"train {model}", prior["train"], train)
     if len(checkpoints) != 2:
         ctx.rec.part("sampling")["items"]["sample"] = {"status": "skipped", "reason": "no two trained checkpoints"}
         return
@@ -583,8 +609,11 @@ def render_summary(results: dict) -> str:
         out += ["## Throughput (bench/throughput.py, one preset per run)", "",
                 "| model | status | ms/step | tokens/s | TFLOP/s | MFU | mem GB | x dense | reference ms | ours / reference |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        peak = env.get("peak_tflops")
         for m, r in thr.items():
-            o, ref = r.get("ours", {}), r.get("reference", {})
+            o, ref = r.get("ours") or {}, r.get("reference") or {}
+            if m.endswith("(reference)"):  # its own row: the plain-PyTorch GPT's figures
+                o, ref = {**r, "mfu": r["tflops"] / peak if r.get("tflops") and peak else None}, {}
             note = r.get("reason", r.get("error", ""))
             out.append(f"| {m} | {r['status']} {note} | {fmt(o.get('ms'), '.1f')} | {fmt(o.get('tokens_per_s'), '.0f')} | "
                        f"{fmt(o.get('tflops'), '.2f')} | {fmt(o.get('mfu'), '.1%')} | {fmt(o.get('memory_gb'), '.1f')} | "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,9 +26,9 @@ sys.path.insert(0, str(REPO / "bench"))
 import gpu_kit  # noqa: E402
 import gpu_suite  # noqa: E402
 
-# Small enough for the test's time, large enough for env, smoke and part of throughput; the later
-# parts do not fit and must be recorded as skipped.
-REHEARSAL_BUDGET_S = 110
+# Small enough for the test's time, large enough on 2 idle cores for env, the smoke runs and part
+# of throughput (a child costs ~8 s of start-up). On a machine busy with other work, raise it.
+REHEARSAL_BUDGET_S = float(os.environ.get("GPU_KIT_REHEARSAL_BUDGET_S", "120"))
 
 
 def test_kit_plan_is_what_the_image_lacks():
@@ -59,13 +60,13 @@ def test_budget_passes_unused_time_on_and_skips_what_would_overrun(tmp_path):
     assert saved["small"]["status"] == "done" and saved["small"]["x"] == 1
 
 
-def simulated_image(root: Path, exclude: set) -> Path:
+def simulated_image(root: Path) -> Path:
     """A folder of links to the top-level files of every installed distribution the GPU image also
-    has (gpu_kit.IMAGE_PACKAGES), except ``exclude`` (what the kit ships)."""
+    has (gpu_kit.IMAGE_PACKAGES); megatron-core, deepspeed, hydra, ... are not among them."""
     root.mkdir(parents=True)
     for dist in metadata.distributions():
         name = gpu_kit.canonicalize_name(dist.metadata["Name"])
-        if name not in gpu_kit.IMAGE_PACKAGES or name in exclude:
+        if name not in gpu_kit.IMAGE_PACKAGES:
             continue
         base = Path(dist.locate_file(""))
         for top in {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
@@ -85,9 +86,7 @@ def test_kit_installs_offline_and_the_suite_runs_end_to_end_on_cpu(tmp_path):
         pytest.skip(f"the kit's wheels could not be downloaded or built here (no registry?): {str(e)[:300]}")
     kit = gpu_kit.DEFAULT_KIT_ROOT / target.tag
     assert manifest["total_bytes"] < 32 * 2**20
-    shipped = {e["name"] for e in manifest["wheels"]}
-
-    image = simulated_image(tmp_path / "image", exclude=shipped)
+    image = simulated_image(tmp_path / "image")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -99,12 +98,17 @@ def test_kit_installs_offline_and_the_suite_runs_end_to_end_on_cpu(tmp_path):
                            text=True)
     assert "No module named 'megatron'" in probe.stderr, probe.stderr
 
-    out, site = tmp_path / "out", tmp_path / "site"
+    # The kit is installed into a folder beside it (the suite reinstalls when the kit changes), and
+    # DeepSpeed's CPU comm op (JIT-built on CPU only) is cached beside it too: a fresh path each run
+    # would recompile it every time, and the .venv's shared cache would be rebuilt for another path.
+    out, site = tmp_path / "out", gpu_kit.DEFAULT_KIT_ROOT / f"site-{target.tag}"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(gpu_kit.DEFAULT_KIT_ROOT / f"torch_extensions-{target.tag}"))
+    env.pop("PYTHONPATH", None)
     t0 = time.monotonic()
     r = subprocess.run([str(python), str(REPO / "bench" / "gpu_suite.py"), "--kit", str(kit), "--site", str(site),
                         "--device", "cpu", "--scale", "tiny", "--budget-s", str(REHEARSAL_BUDGET_S), "--out", str(out),
                         "--work", str(tmp_path / "work")],
-                       cwd=REPO, capture_output=True, text=True, timeout=REHEARSAL_BUDGET_S + 120)
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=REHEARSAL_BUDGET_S + 120)
     wall = time.monotonic() - t0
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
@@ -121,17 +125,20 @@ def test_kit_installs_offline_and_the_suite_runs_end_to_end_on_cpu(tmp_path):
     assert smoke["tiny"]["loss_tracks"] and smoke["tiny"]["loss_falls"], smoke["tiny"]
     assert len(smoke["tiny"]["loss"]) == 3  # steps 10, 20, 30
 
-    thr = results["parts"]["throughput"]["items"]["tiny"]
+    thr = results["parts"]["throughput"]["items"]["tiny"]  # the dense twin runs first
     assert thr["status"] == "done", thr
-    assert thr["ours"]["tokens_per_s"] > 0 and thr["ours"]["x_dense"] == 1.0 and thr["ours_over_reference"] > 0
+    assert thr["ours"]["tokens_per_s"] > 0 and thr["ours"]["x_dense"] == 1.0 and thr["ours"]["mfu"] > 0
 
-    # The budget: everything is recorded, what did not fit is skipped with a reason, and the run
-    # ends within its budget (plus the last child's kill and the write-up).
+    # The budget: every part is recorded, what did not fit is skipped with a reason (the planner's
+    # choice is tested above), and the run ends within its budget plus the write-up.
     statuses = {name: p["status"] for name, p in results["parts"].items()}
     assert set(statuses) == set(gpu_suite.PARTS) and set(statuses.values()) <= {"done", "partial", "skipped"}
-    skipped = [i for p in results["parts"].values() for i in p["items"].values() if i["status"] == "skipped"]
-    assert skipped and all(i["reason"] for i in skipped), statuses
-    assert wall < REHEARSAL_BUDGET_S + 45, wall
+    for part in results["parts"].values():
+        for i in part["items"].values():
+            assert i["status"] in ("done", "skipped", "timed out", "failed"), i
+            assert i["status"] != "skipped" or "would overrun" in i["reason"] or "no two" in i["reason"], i
+    assert wall < REHEARSAL_BUDGET_S + 30, wall
+    assert results["suite"]["wall_s"] <= REHEARSAL_BUDGET_S + 15
 
     summary = (out / "summary.md").read_text()
     assert "Command: `" in summary and "--no-index --no-deps" in results["suite"]["install"]
