@@ -210,6 +210,8 @@ def main(argv=None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     load_before = load_avg()
 
+    from data_prep._io import DataPrepError
+    from data_prep.sp_to_hf import write as write_converted
     from data_prep.train_hf_tokenizer import train_hf_bpe
     from data_prep.train_tokenizer import train_tokenizer
 
@@ -223,6 +225,13 @@ def main(argv=None) -> int:
     if not Path(hf).exists():
         train_hf_bpe([str(train_slice)], hf, a.vocab_size)
     tokenizers["hf-bpe"] = hf
+    converted = work / (Path(sp).stem + "_as_hf")
+    try:
+        if not converted.exists():
+            write_converted(sp, str(converted))
+        tokenizers["sentencepiece as tokenizer.json"] = str(converted)
+    except DataPrepError as e:
+        print(f"the sentencepiece model does not convert: {e}")
 
     docs = _load_docs(a.corpus)
     rows = []
@@ -230,10 +239,12 @@ def main(argv=None) -> int:
         limits = encoder_limit(tok, docs, corpus_bytes)
         limit_1 = max(limits.values())
         modes = [("processes", w) for w in a.workers]
-        if name == "hf-bpe":
+        if name != "sentencepiece":
             modes += [("threads", w) for w in a.workers if w > 1]
         runs = [run_cli(a.corpus, tok, work / f"out_{name}_{m}_{w}", w, m) for m, w in modes]
         identical = len({r.digest for r in runs}) == 1
+        if name == "sentencepiece as tokenizer.json":  # the same ids as the model on the whole corpus?
+            identical = identical and runs[0].digest == rows[0][3][0].digest
         rows.append((name, limits, limit_1, runs, identical))
         print(f"{name}: limit {limit_1:.2f} MB/s/core ({limits}); identical outputs: {identical}")
         for r in runs:
@@ -273,7 +284,8 @@ def main(argv=None) -> int:
         lines.append("")
         for name, limits, limit_1, runs, identical in rows:
             ways = ", ".join(f"{k}: {v:.2f} MB/s" for k, v in limits.items())
-            lines.append(f"- {name}: one thread {ways}; outputs of all rows byte-identical: {identical}.")
+            same = " and to the sentencepiece rows" if name == "sentencepiece as tokenizer.json" else ""
+            lines.append(f"- {name}: one thread {ways}; outputs of its rows byte-identical{same}: {identical}.")
         lines.append(f"- Start-up (`python -c 'import data_prep.tokenize_corpus'`): {imp:.2f} s; torch/megatron "
                      f"modules imported by mod-prep-data / mod-prep-merge: {heavy or 'none'}.")
         a.out.parent.mkdir(parents=True, exist_ok=True)
