@@ -175,6 +175,12 @@ class MoDRouter(torch.nn.Module):
         self._buffers["causal_threshold"] = self._buffers["causal_threshold"].float()
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before thresholds were calibrated have none: they load with 0, the
+        # decision they were sampled with (``logit > 0``), instead of failing a strict load.
+        state_dict.setdefault(prefix + "causal_threshold", torch.zeros((), dtype=torch.float32))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [s, b, h] -> fp32 logits [b, s] (fp32 matmul of the bf16 input and weight)."""
         return fp32_linear(x, self.linear.weight).squeeze(-1).transpose(0, 1)

@@ -115,6 +115,14 @@ def test_threshold_is_saved_with_the_weights_and_used_by_the_causal_decision(meg
     assert float(other.router.causal_threshold) == 1e9
 
 
+def test_checkpoints_from_before_calibration_load_with_threshold_zero(megatron_tp1):
+    _, mod, _ = make_layers(0.25, "sigmoid")
+    old = {k: v for k, v in mod.state_dict().items() if not k.endswith("causal_threshold")}
+    mod.router.causal_threshold.fill_(3.0)
+    mod.load_state_dict(old)  # strict
+    assert float(mod.router.causal_threshold) == 0.0
+
+
 def test_no_calibration_when_the_rate_is_zero(megatron_tp1):
     router = MoDRouter(8, ModConfig(enabled=True, threshold_update_rate=0.0), init_std=0.02)
     router.observe(torch.randn(2, 8), 0.25)
