@@ -173,6 +173,14 @@ def _strip_ext(prefix: str) -> str:
     return prefix
 
 
+def default_start_method() -> str:
+    """"fork" where it is safe and offered (workers start in milliseconds instead of re-importing),
+    else "spawn": after torch is imported (its thread pools do not survive a fork) or off Linux."""
+    if sys.platform.startswith("linux") and "torch" not in sys.modules:
+        return "fork"
+    return "spawn"
+
+
 def _use_threads(encoder_threads: int) -> None:
     """Let the Hugging Face library's batch encoding use ``encoder_threads`` threads in this process.
 
@@ -191,7 +199,7 @@ def tokenize_corpus(
     append_eod: bool = True,
     chunk_bytes: int = 1 << 20,
     progress: Optional[bool] = None,
-    start_method: str = "spawn",
+    start_method: Optional[str] = None,
     parallel: Union[Parallel, str] = Parallel.PROCESSES,
 ) -> TokenizeSummary:
     """Tokenize ``inputs`` (files/globs/directories of .txt/.jsonl[.gz]) into ``output_prefix``.bin/.idx.
@@ -199,7 +207,8 @@ def tokenize_corpus(
     ``tokenizer_model``: a sentencepiece ``.model``, a ``tokenizer.json`` or a directory with one.
     ``workers``: encoder processes (or threads, with ``parallel="threads"``); default all cores; 1
     encodes in this process on one thread. ``progress``: tqdm bar on stderr; None shows it only
-    when stderr is a terminal. ``start_method``: multiprocessing start method of the pool.
+    when stderr is a terminal. ``start_method``: multiprocessing start method of the pool (default:
+:func:`default_start_method`).
     Raises DataPrepError with a clear message for a missing or unreadable tokenizer, missing
     inputs, an output directory that cannot be created, or an empty corpus.
     """
@@ -235,8 +244,8 @@ def tokenize_corpus(
         chunks = iter_chunks(files, chunk_bytes)
         if workers > 1 and parallel is Parallel.PROCESSES:
             # Started before anything else is loaded here: workers encode while the main process sets up.
-            pool = multiprocessing.get_context(start_method).Pool(workers, initializer=_init_worker,
-                                                                  initargs=encoder_args)
+            pool = multiprocessing.get_context(start_method or default_start_method()).Pool(
+                workers, initializer=_init_worker, initargs=encoder_args)
             results = pool.imap(_encode_in_worker, _bounded(chunks, slots, stop), chunksize=1)
         else:
             if parallel is Parallel.THREADS:
@@ -311,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-mb", type=float, default=1.0, help="input text per work item (default: 1 MB)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar (it is shown only when stderr is a terminal anyway)")
-    p.add_argument("--start-method", choices=("spawn", "forkserver", "fork"), default="spawn")
+    p.add_argument("--start-method", choices=("spawn", "forkserver", "fork"), default=None,
+                   help="worker start method (default: fork on Linux, where this process has no torch)")
     return p
 
 
