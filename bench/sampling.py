@@ -5,7 +5,7 @@ MoD twin, side by side in one run.
     python bench/sampling.py --checkpoints runs/dense/checkpoints runs/mod/checkpoints   # trained
 
 Each model decodes --prompt-len prompt tokens then --new-tokens greedy tokens with
-``mod_train.generate.generate`` (the code behind ``mod-generate``), --repeats times; the median is
+``mod_train.inference.generation.generate_batch`` (the code behind ``mod-generate``), --repeats times; the median is
 reported as tokens/s (prompt + new tokens, all decoded one at a time through the cache), with
 the share of tokens each MoD layer's causal decision routed through its block. That share decides
 MoD's speed-up: a trained router routes about its capacity (12.5%); a random one about half the
@@ -46,7 +46,7 @@ def random_model(preset: str, vocab: int):
 
 
 def time_generation(model, cfg, args, batch: int) -> dict:
-    from mod_train.generate import generate_batch
+    from mod_train.inference.generation import generate_batch
 
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.model.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
@@ -56,15 +56,14 @@ def time_generation(model, cfg, args, batch: int) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        new, _ = generate_batch(model, cfg, prompts, args.new_tokens, greedy=True)
+        result = generate_batch(model, cfg, prompts, args.new_tokens, greedy=True)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     seconds = sorted(times)[len(times) // 2]
-    decoder = generate_batch.last_decoder
-    # Per MoD layer: routed share over all sequences' tokens.
-    routed = [sum(map(sum, d)) / max(sum(map(len, d)), 1) for d in decoder.decisions if d is not None]
-    tokens = batch * args.prompt_len + sum(map(len, new))
+    # Per MoD layer: routed share over all sequences' tokens (of the last repeat).
+    routed = result.routed_share()
+    tokens = batch * args.prompt_len + sum(map(len, result.tokens))
     return {"batch": batch, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "mod_routed_share": routed}
 
@@ -101,14 +100,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = p.parse_args(argv)
 
     from mod_train.distributed.world_of_one import world_of_one
-    from mod_train.generate import load_for_generation
+    from mod_train.inference.loader import load_for_generation
 
     rows = {}
     with world_of_one():
         for i, kind in enumerate(("dense", "mod")):
             if args.checkpoints:
-                model, cfg, _, iter_dir = load_for_generation(args.checkpoints[i])
-                name = f"{kind} ({iter_dir})"
+                loaded = load_for_generation(args.checkpoints[i])
+                model, cfg = loaded.model, loaded.config
+                name = f"{kind} ({loaded.source.iter_dir})"
             else:
                 model, cfg = random_model(args.models[i], args.vocab)
                 name = f"{kind} ({args.models[i]}, random init)"

@@ -22,12 +22,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mod_train.checkpoint.layout import CheckpointDir, read_metadata
+from mod_train.checkpoint import read
+from mod_train.checkpoint.layout import CheckpointDir
+from mod_train.checkpoint.read import DS_TAG, MODEL_DIR, OPTIM_DIR, RNG_DIR
 from mod_train.distributed.world import barrier
 
-DS_TAG = "state"  # DeepSpeed's sub-directory inside iter_N/
-MODEL_DIR = "model"  # layout-free weights (model_io.save_model)
-OPTIM_DIR = "optimizer"  # layout-free optimizer state (model_io.save_optimizer)
+__all__ = ["DS_TAG", "MODEL_DIR", "OPTIM_DIR", "LAYOUT_KEYS", "TrainState", "Checkpointer", "layout_of",
+           "rng_state", "set_rng_state", "set_schedule_position"]
 # What decides which DeepSpeed files a rank reads; sequence parallelism does not change them.
 LAYOUT_KEYS = ("tp", "pp", "vpp", "ep", "cp", "dp", "zero_stage")
 
@@ -40,6 +41,12 @@ class TrainState:
     # Training FLOPs of all devices up to `step` (flops.py's count; integrated MoDE at its measured
     # no-op share). None in checkpoints written before it was kept: the trainer re-derives it.
     total_flops: Optional[float] = None
+    # Resilience counters of the whole run (kept across resumes): updates skipped for any reason,
+    # of which for a non-finite loss/gradient; loss spikes seen; rollbacks to a checkpoint.
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+    loss_spikes: int = 0
+    rollbacks: int = 0
 
 
 def rng_state() -> dict:
@@ -83,7 +90,7 @@ class Checkpointer:
         engine.save_checkpoint(str(staging), tag=DS_TAG, client_state={"train_state": asdict(state)},
                                save_latest=False)
         self._save_layout_free(engine, staging, state, metadata)
-        rng_dir = staging / "rng"
+        rng_dir = staging / RNG_DIR
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), rng_dir / f"rank_{self.rank:05d}.pt")
         barrier()
@@ -110,8 +117,7 @@ class Checkpointer:
 
     def saved_layout(self, path: Path) -> Optional[dict]:
         """The layout recorded in ``path``'s complete.json (None for checkpoints that predate it)."""
-        layout = read_metadata(path).get("layout")
-        return dict(layout) if isinstance(layout, dict) else None
+        return read.saved_layout(path)
 
     def needs_reshard(self, path: Path) -> bool:
         """True when ``path`` was written under a layout whose DeepSpeed files this run cannot read."""
@@ -122,15 +128,12 @@ class Checkpointer:
 
     def load_weights_for_reshard(self, chunks, path: Path) -> None:
         """Weights from ``<path>/model`` into this layout's chunks (before the engine is built)."""
-        from mod_train.checkpoint import model_io
-
-        model_dir = path / MODEL_DIR
-        if not model_io.is_model_dir(model_dir):
+        if not read.has_model_dir(path):
             raise RuntimeError(
                 f"{path} was written with layout {_layout_text(self.saved_layout(path))} and this run uses "
                 f"{_layout_text(self.layout)}, but it has no layout-free '{MODEL_DIR}/' directory to reshard "
                 f"from (written by an older mod-train). Resume it with the layout it was written with.")
-        model_io.load_model(chunks, model_dir)
+        read.load_model_dir(chunks, path)
 
     def load_resharded(self, engine, path: Path, scheduler) -> TrainState:
         """Continue from a checkpoint of another layout; weights are already in the chunks.
@@ -144,8 +147,7 @@ class Checkpointer:
         from mod_train.checkpoint import model_io
 
         log = logging.getLogger("mod_train")
-        meta = read_metadata(path)
-        state = TrainState(**meta["train_state"])
+        state = TrainState(**read.saved_train_state(path))
         chunks = list(engine.module)
         optim_dir = path / OPTIM_DIR
         if model_io.is_model_dir(optim_dir):
@@ -167,9 +169,9 @@ class Checkpointer:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}/{DS_TAG}: the files for "
                                f"this rank's layout are missing (was it written with another parallel layout?).")
-        rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        rng = read.read_rng_state(path, self.rank)
+        if rng is not None:
+            set_rng_state(rng)
         return TrainState(**client["train_state"])
 
 

@@ -2,7 +2,8 @@
 
 Megatron's layers need ``parallel_state`` and a process group even in one process; these
 helpers create a gloo group of one and TP=PP=1 (unless the caller already has them, e.g. a test)
-and turn a checkpoint's recorded config into the same model laid out for one process.
+and lay a checkpoint's recorded config out for one process (the config itself is read by
+``mod_train.checkpoint.read.saved_config``).
 """
 
 from __future__ import annotations
@@ -66,17 +67,6 @@ def world_of_one() -> Iterator[None]:
         yield
     finally:
         _teardown(*made)
-
-
-def config_from_metadata(metadata: dict):
-    """The typed Config stored in a checkpoint's ``complete.json`` (ValueError if there is none)."""
-    from omegaconf import OmegaConf
-
-    from mod_train.config.schema import Config
-
-    if not isinstance(metadata.get("config"), dict):
-        raise ValueError("complete.json has no 'config' entry: this checkpoint was not written by mod-train")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), metadata["config"]))
 
 
 def single_process_layout(cfg):

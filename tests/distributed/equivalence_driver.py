@@ -35,14 +35,14 @@ def _init(job: dict) -> None:
 
 def _train(job: dict) -> None:
     from mod_train.config.load import compose, to_config
-    from mod_train.train import run
+    from mod_train.trainer import run
     from tests.helpers_train import run_dir_overrides
 
     run(to_config(compose(job["overrides"] + run_dir_overrides(Path(job["run_dir"])))), keep_process_group=True)
 
 
 def _export(job: dict) -> None:
-    from mod_train.export import export_checkpoint
+    from mod_train.inference.export import export_checkpoint
 
     export_checkpoint(job["checkpoint"], job["out"])
 
