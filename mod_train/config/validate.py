@@ -244,9 +244,6 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
                  f"model.moe.capacity_factor must be > 0 (or null for dropless), got {m.moe.capacity_factor}.")
         _require(m.moe.mode in ("none", "staged", "integrated"),
                  f"model.moe.mode must be none, staged or integrated, got '{m.moe.mode}'.")
-        if m.moe.mode == "staged":
-            _require(m.mod.enabled and bool(set(mod_layers) & set(moe_layers)),
-                     f"model.moe.mode=staged (MoD routing around an MoE layer) needs layers that are both MoD and "
         if m.moe.num_noop_experts is not None:
             _require(m.moe.mode == "integrated",
                      f"model.moe.num_noop_experts={m.moe.num_noop_experts} is only used by integrated MoDE: set "
@@ -254,6 +251,9 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
             _require(m.moe.num_noop_experts >= 1,
                      f"model.moe.num_noop_experts={m.moe.num_noop_experts} must be >= 1 (null: top_k, so a token "
                      f"can skip its MLP entirely).")
+        if m.moe.mode == "staged":
+            _require(m.mod.enabled and bool(set(mod_layers) & set(moe_layers)),
+                     f"model.moe.mode=staged (MoD routing around an MoE layer) needs layers that are both MoD and "
                      f"MoE: MoD layers {mod_layers}, MoE layers {moe_layers}. Use model=tiny_mode_staged or enable "
                      f"model.mod on the MoE layers.")
         if par.tp > 1:
