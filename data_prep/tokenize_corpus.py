@@ -39,6 +39,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from data_prep.text_check import check_text_files
 from data_prep._io import (DataPrepError, expand_inputs, input_format, iter_byte_ranges, iter_line_chunks,
                            line_number_at, parse_lines, prepare_output_dir, read_byte_range)
 from data_prep.encoders import TextEncoder, TokenizerKind, eod_id, load_encoder
@@ -226,6 +227,7 @@ def tokenize_corpus(
         raise DataPrepError(f"tokenizer '{tokenizer_model}' has {vocab_size} ids, more than an indexed dataset's "
                             f"largest token dtype ({dtype}, max {np.iinfo(dtype).max}) can hold")
     files = expand_inputs(inputs)
+    check_text_files(files)  # binary input is refused, not decoded as U+FFFD (text_check.py)
     prepare_output_dir(output_prefix)
     workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
     if progress is None:
