@@ -27,7 +27,7 @@ from mod_train.checkpoint.model_io import MODEL_DIR, is_model_dir
 
 __all__ = [
     "DS_TAG", "MODEL_DIR", "OPTIM_DIR", "RNG_DIR", "CheckpointReadError", "resolve_iter_dir", "read_complete",
-    "saved_config", "saved_layout", "saved_train_state", "has_model_dir", "load_model_dir", "saved_padded_vocab",
+    "saved_config", "saved_layout", "saved_train_state", "has_model_dir", "load_model_dir", "load_weights_from", "saved_padded_vocab",
     "read_rng_state", "load_deepspeed_model_state", "load_deepspeed_weights", "check_deepspeed_readable",
 ]
 
@@ -126,11 +126,28 @@ def has_model_dir(iter_dir: PathLike) -> bool:
 
 def load_model_dir(chunks: Sequence[torch.nn.Module], iter_dir: PathLike) -> None:
     """Weights from ``<iter_dir>/model`` into this rank's chunks, under any layout (collective)."""
-    from mod_train.checkpoint.model_io import load_model
-
     model_dir = Path(iter_dir) / MODEL_DIR
     if not is_model_dir(model_dir):
         raise CheckpointReadError(f"{model_dir} is not a layout-free model directory (no metadata.json)")
+    _load_model_files(chunks, model_dir)
+
+
+def load_weights_from(chunks: Sequence[torch.nn.Module], path: PathLike) -> Path:
+    """Weights for ``checkpoint.init_from``: ``path`` is a ``save_model`` directory or a checkpoint
+    ``iter_N/`` (its ``model/``), written under any layout (collective). Returns the directory read."""
+    from mod_train.checkpoint.model_io import model_dir_of
+
+    model_dir = model_dir_of(path)
+    if not is_model_dir(model_dir):
+        raise CheckpointReadError(f"{Path(path).expanduser()} holds no layout-free weights: give a checkpoint "
+                                  f"iter_* directory (with model/) or a directory written by model_io.save_model")
+    _load_model_files(chunks, model_dir)
+    return model_dir
+
+
+def _load_model_files(chunks: Sequence[torch.nn.Module], model_dir: Path) -> None:
+    from mod_train.checkpoint.model_io import load_model
+
     try:
         load_model(chunks, model_dir)
     except Exception as e:  # megatron's reader fails on a damaged directory with any type (even AttributeError)

@@ -12,6 +12,7 @@ from mod_train.checkpoint.read import (
     check_deepspeed_readable,
     load_deepspeed_model_state,
     load_model_dir,
+    load_weights_from,
     read_complete,
     read_rng_state,
     resolve_iter_dir,
@@ -98,10 +99,14 @@ def test_rng_and_model_dir_errors_name_the_file(tmp_path):
         read_rng_state(it, 1)
     with pytest.raises(CheckpointReadError, match=rf"{it / 'model'} is not a layout-free model directory"):
         load_model_dir([], it)
+    with pytest.raises(CheckpointReadError, match=r"holds no layout-free weights: give a checkpoint iter_\* directory"):
+        load_weights_from([], it)
     (it / "model").mkdir()
     (it / "model" / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
     with pytest.raises(CheckpointReadError, match=rf"cannot load the weights in {it / 'model'}"):
         load_model_dir([], it)
+    with pytest.raises(CheckpointReadError, match=rf"cannot load the weights in {it / 'model'}"):
+        load_weights_from([], it)  # an iter_* directory reads its model/
 
 
 def test_deepspeed_readable_layouts():
