@@ -118,7 +118,8 @@ class Run:
     seconds: float
     mb_per_s: float
     first_chunk_s: float  # since the process started
-    max_rss_mb: float
+    max_rss_mb: float  # the main process
+    worker_rss_mb: float  # the largest worker (0 when the main process encodes)
     digest: str
 
 
@@ -128,45 +129,65 @@ def _load_docs(corpus: Path) -> List[str]:
     return list(iter_documents([str(corpus)]))
 
 
-def encoder_limit(tokenizer: str, docs: List[str], corpus_bytes: int) -> Dict[str, float]:
-    """MB/s of one process on one thread encoding the in-memory documents (best of the encoder's ways)."""
+def encoder_limit(tokenizer: str, docs: List[str], file_bytes_per_text_byte: float) -> Dict[str, float]:
+    """MB/s of one process on one thread encoding the in-memory documents, for each way the encoder offers.
+
+    In MB of the corpus file (JSON quoting included) per second, as the end-to-end figures.
+    """
     from data_prep.encoders import TokenizerKind, load_encoder
 
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # this process measures one thread
     enc = load_encoder(tokenizer)
-    batch = 2000
-    ways = {"one call per batch": lambda: [enc.encode_batch(docs[i:i + batch]) for i in range(0, len(docs), batch)]}
+    nbytes = sum(len(d.encode("utf-8")) for d in docs) * file_bytes_per_text_byte
+    batch = 1000
+    ways = {"batches of 1000": lambda: [enc.encode_batch(docs[i:i + batch]) for i in range(0, len(docs), batch)]}
     if enc.kind is TokenizerKind.HF:
         tok = enc.tok
-        ways = {"encode() per text": lambda: [tok.encode(d, add_special_tokens=False).ids for d in docs]}
+        ways["encode() per text"] = lambda: [tok.encode(d, add_special_tokens=False).ids for d in docs]
     result = {}
     for name, fn in ways.items():
         t0 = time.perf_counter()
         fn()
-        result[name] = corpus_bytes / 1e6 / (time.perf_counter() - t0)
+        result[name] = nbytes / 1e6 / (time.perf_counter() - t0)
     return result
 
 
+# The CLI run by a wrapper that reports the peak RSS of the main process and of its largest worker.
+_RSS_WRAPPER = """
+import resource, sys
+from data_prep.tokenize_corpus import main
+try:
+    rc = main(sys.argv[1:])
+finally:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(f"RSS_KB {own} {workers}")
+sys.exit(rc)
+"""
+
+
 def run_cli(corpus: Path, tokenizer: str, out_prefix: Path, workers: int, mode: str) -> Run:
-    """`mod-prep-data` in a fresh process; wall time from launch, the main process's peak RSS."""
-    cmd = [sys.executable, "-m", "data_prep.tokenize_corpus", "-i", str(corpus), "-t", tokenizer,
-           "-o", str(out_prefix), "-w", str(workers), "--parallel", mode, "--no-progress"]
+    """`mod-prep-data` in a fresh process; wall time from launch to exit."""
+    args = ["-i", str(corpus), "-t", tokenizer, "-o", str(out_prefix), "-w", str(workers), "--parallel", mode,
+            "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    r = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, *args], cwd=REPO, capture_output=True, text=True,
+                       env=env)
     wall = time.perf_counter() - t0
-    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"mod-prep-data failed: {' '.join(cmd)}\n{err[-3000:]}")
+    if r.returncode != 0:
+        raise SystemExit(f"mod-prep-data failed: {' '.join(args)}\n{r.stderr[-3000:]}")
+    out = r.stdout
     inside = float(out.split(" in ")[-1].split(" s ")[0])
     first = float(out.split("first chunk after ")[1].split(" s")[0])
+    main_kb, worker_kb = (int(x) for x in out.split("RSS_KB ")[1].split()[:2])
     h = hashlib.sha256()
     for ext in (".bin", ".idx"):
         h.update(Path(str(out_prefix) + ext).read_bytes())
     size = corpus.stat().st_size
     return Run(tokenizer=tokenizer, mode=mode, workers=workers, seconds=wall, mb_per_s=size / 1e6 / wall,
-               first_chunk_s=(wall - inside) + first, max_rss_mb=usage.ru_maxrss / 1024, digest=h.hexdigest()[:12])
+               first_chunk_s=(wall - inside) + first, max_rss_mb=main_kb / 1024, worker_rss_mb=worker_kb / 1024,
+               digest=h.hexdigest()[:12])
 
 
 def import_seconds() -> float:
@@ -233,24 +254,37 @@ def main(argv=None) -> int:
     except DataPrepError as e:
         print(f"the sentencepiece model does not convert: {e}")
 
+    # Limits on an evenly spread quarter of the documents, measured before and after the end-to-end
+    # runs; the faster of the two counts (the cores are shared: the better figure is the machine's).
     docs = _load_docs(a.corpus)
-    rows = []
+    ratio = corpus_bytes / sum(len(d.encode("utf-8")) for d in docs)
+    sample, n_docs = docs[::4], len(docs)
+    del docs
+    limits_before = {name: encoder_limit(tok, sample, ratio) for name, tok in tokenizers.items()}
+    runs_by = {}
     for name, tok in tokenizers.items():
-        limits = encoder_limit(tok, docs, corpus_bytes)
-        limit_1 = max(limits.values())
         modes = [("processes", w) for w in a.workers]
         if name != "sentencepiece":
             modes += [("threads", w) for w in a.workers if w > 1]
-        runs = [run_cli(a.corpus, tok, work / f"out_{name}_{m}_{w}", w, m) for m, w in modes]
+        runs_by[name] = [run_cli(a.corpus, tok, work / f"out_{name.replace(' ', '_')}_{m}_{w}", w, m)
+                         for m, w in modes]
+    limits_after = {name: encoder_limit(tok, sample, ratio) for name, tok in tokenizers.items()}
+    rows = []
+    for name in tokenizers:
+        limits = {k: max(v, limits_after[name][k]) for k, v in limits_before[name].items()}
+        limit_1 = max(limits.values())
+        runs = runs_by[name]
         identical = len({r.digest for r in runs}) == 1
         if name == "sentencepiece as tokenizer.json":  # the same ids as the model on the whole corpus?
-            identical = identical and runs[0].digest == rows[0][3][0].digest
+            identical = identical and runs[0].digest == runs_by["sentencepiece"][0].digest
         rows.append((name, limits, limit_1, runs, identical))
-        print(f"{name}: limit {limit_1:.2f} MB/s/core ({limits}); identical outputs: {identical}")
+        print(f"{name}: limit {limit_1:.2f} MB/s/core (before {limits_before[name]}, after {limits_after[name]}); "
+              f"identical outputs: {identical}")
         for r in runs:
             lim = limit_1 * min(r.workers, cores)
             print(f"  {r.mode} x{r.workers}: {r.mb_per_s:.2f} MB/s = {100 * r.mb_per_s / lim:.0f}% of {lim:.2f}; "
-                  f"first chunk {r.first_chunk_s:.2f} s; rss {r.max_rss_mb:.0f} MB")
+                  f"first chunk {r.first_chunk_s:.2f} s; rss main {r.max_rss_mb:.0f} MB, worker "
+                  f"{r.worker_rss_mb:.0f} MB")
     imp = import_seconds()
     heavy = heavy_modules()
     load_after = load_avg()
@@ -265,22 +299,23 @@ def main(argv=None) -> int:
             "python bench/tokenization.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "```",
             "",
-            f"Corpus: {a.corpus.name}, {corpus_bytes / 1e6:.1f} MB, {len(docs)} documents. Cores: {cores}. "
+            f"Corpus: {a.corpus.name}, {corpus_bytes / 1e6:.1f} MB, {n_docs} documents. Cores: {cores}. "
             f"Load average (1/5/15 min) before: {load_before}, after: {load_after}. Tokenizers: "
             f"{a.vocab_size} ids, trained on the first {a.train_mb:g} MB.",
             "",
-            "Limit = the documents in memory encoded by one process on one thread (no reading, parsing, IPC or "
-            "writing), times the workers (at most the cores). End to end = `mod-prep-data` in a fresh process, "
+            "Limit = documents in memory (every 4th of the corpus) encoded by one process on one thread (no "
+            "reading, parsing, IPC or writing), the better of two measurements (before and after the runs), "
+            "times the workers (at most the cores). End to end = `mod-prep-data` in a fresh process, "
             "wall clock from launch to exit. First chunk = from launch until the first encoded chunk was written.",
             "",
-            "| tokenizer | parallel | workers | MB/s | limit MB/s | % of limit | first chunk (s) | main RSS (MB) |",
+            "| tokenizer | parallel | workers | MB/s | limit MB/s | % of limit | first chunk (s) | RSS main / worker (MB) |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, limits, limit_1, runs, identical in rows:
             for r in runs:
                 lim = limit_1 * min(r.workers, cores)
                 lines.append(f"| {name} | {r.mode} | {r.workers} | {r.mb_per_s:.2f} | {lim:.2f} | "
-                             f"{100 * r.mb_per_s / lim:.0f}% | {r.first_chunk_s:.2f} | {r.max_rss_mb:.0f} |")
+                             f"{100 * r.mb_per_s / lim:.0f}% | {r.first_chunk_s:.2f} | {r.max_rss_mb:.0f} / {r.worker_rss_mb:.0f} |")
         lines.append("")
         for name, limits, limit_1, runs, identical in rows:
             ways = ", ".join(f"{k}: {v:.2f} MB/s" for k, v in limits.items())

@@ -192,7 +192,9 @@ class HFEncoder(TextEncoder):
                                 f"distinct pad token")
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        if self.batch_threads:
+        if self.batch_threads or not _library_parallelism():
+            # Batch encoding without offsets: ~10% faster than one call per text, on one thread
+            # where the library's parallelism is off (worker processes turn it off).
             return [e.ids for e in self.tok.encode_batch_fast(list(texts), add_special_tokens=False)]
         encode = self.tok.encode
         return [encode(t, add_special_tokens=False).ids for t in texts]
@@ -202,6 +204,11 @@ class HFEncoder(TextEncoder):
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self.tok.token_to_id(token)
+
+
+def _library_parallelism() -> bool:
+    """Whether the Hugging Face library's batch encoding may use several threads (its own rule)."""
+    return os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() not in ("", "false", "0", "off", "no")
 
 
 def load_encoder(path: str) -> TextEncoder:

@@ -143,6 +143,8 @@ class _WorkerState:
 
 
 def _init_worker(tokenizer_path: str, text_key: str, eod: Optional[int], dtype: str) -> None:
+    # A worker is one encoder thread: the workers are the parallelism, not the library's threads.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WorkerState.encoder = ChunkEncoder(load_encoder(tokenizer_path), text_key, eod, dtype)
 
 
