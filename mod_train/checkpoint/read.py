@@ -27,8 +27,9 @@ from mod_train.checkpoint.model_io import MODEL_DIR, is_model_dir
 
 __all__ = [
     "DS_TAG", "MODEL_DIR", "OPTIM_DIR", "RNG_DIR", "CheckpointReadError", "resolve_iter_dir", "read_complete",
-    "saved_config", "saved_layout", "saved_train_state", "has_model_dir", "load_model_dir", "load_weights_from", "saved_padded_vocab",
-    "read_rng_state", "load_deepspeed_model_state", "load_deepspeed_weights", "check_deepspeed_readable",
+    "saved_config", "saved_layout", "saved_train_state", "has_model_dir", "load_model_dir", "load_weights_from",
+    "saved_padded_vocab", "read_rng_state", "check_deepspeed_readable", "load_deepspeed_model_state",
+    "match_norm_keys", "load_deepspeed_weights",
 ]
 
 DS_TAG = "state"  # DeepSpeed's sub-directory inside iter_N/ (its checkpoint "tag")

@@ -99,14 +99,16 @@ def test_cli_errors(megatron_tp1, tmp_path):
     with pytest.raises(SystemExit, match="--tokenizer"):
         main(["--checkpoint", str(root)])
     # A negative temperature is refused, not silently decoded greedily (checked before loading).
-    with pytest.raises(SystemExit, match=r"mod-generate: error: temperature must be a number > 0, got -1.0; .*--greedy"):
+    with pytest.raises(SystemExit, match=r"mod-generate: error: temperature must be a number > 0, got -1.0; "
+                                         r".*--greedy"):
         main(["--checkpoint", str(root), "--temperature", "-1"])
     with pytest.raises(SystemExit, match=r"top_p must be in \(0, 1\]"):
         main(["--checkpoint", str(root), "--top-p", "0"])
 
     cfg.parallel.tp = 2
     _save_fake_checkpoint(root, 3, cfg, model)
-    with pytest.raises(SystemExit, match=r"parallel.tp=2.*only checkpoints written with parallel.tp=1 and parallel.pp=1"):
+    with pytest.raises(SystemExit, match=r"parallel.tp=2.*only checkpoints written with parallel.tp=1 and "
+                                         r"parallel.pp=1"):
         main(["--checkpoint", str(root), "--iter", "3"])
 
 

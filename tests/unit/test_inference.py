@@ -4,7 +4,7 @@ batched equals one prompt at a time; sampling by seed, nucleus, validated sampli
 import pytest
 import torch
 
-from mod_train.config.load import compose, to_config, to_plain_dict
+from mod_train.config.load import compose, to_config
 from mod_train.config.validate import validate
 from mod_train.inference.decoder import KVCacheDecoder, full_forward_logits, mlp_half
 from mod_train.inference.errors import InferenceError
