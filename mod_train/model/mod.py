@@ -124,7 +124,9 @@ class _ContiguousGrad(torch.autograd.Function):
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight.T (+ bias) computed in fp32 from bf16 (or fp32) operands, keeping only the
     low-precision operands for backward (megatron's MoE router gating)."""
-    return _ContiguousGrad.apply(router_gating_linear(x, weight, bias, torch.float32))
+    # router_gating_linear flattens with .view: the residual stream after a MoD layer's scatter
+    # can be a transposed (non-contiguous) tensor.
+    return _ContiguousGrad.apply(router_gating_linear(x.contiguous(), weight, bias, torch.float32))
 
 
 class _AttachAuxLoss(torch.autograd.Function):

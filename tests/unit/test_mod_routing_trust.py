@@ -187,3 +187,16 @@ def test_causal_routing_makes_validation_causal(megatron_tp1):
         changed_last[0, -1] = (tokens[0, -1] + 7) % 128
         differs |= not torch.equal(logits(tokens), logits(changed_last))
     assert differs
+
+
+def test_a_whole_mod_model_trains_in_fp32_routing(megatron_tp1):
+    # Four layers (MoD at 1 and 3): the input of layer 3 comes from a MoD layer's scatter through a
+    # dense layer, a non-contiguous tensor that megatron's router gating cannot flatten by itself.
+    model = _tiny_mod_model()
+    model.train()
+    tokens = torch.randint(0, 128, (2, 32))
+    pos = torch.arange(32).unsqueeze(0).expand(2, -1)
+    loss = model(tokens, pos, None, labels=tokens).float().mean()
+    loss.backward()
+    routers = [m.router for m in model.modules() if isinstance(m, MoDTransformerLayer)]
+    assert len(routers) == 2 and all(r.linear.weight.grad.abs().sum() > 0 for r in routers)
