@@ -38,7 +38,7 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -166,20 +166,26 @@ sys.exit(rc)
 """
 
 
-def run_cli(corpus: Path, tokenizer: str, out_prefix: Path, workers: int, mode: str) -> Run:
-    """`mod-prep-data` in a fresh process; wall time from launch to exit."""
-    args = ["-i", str(corpus), "-t", tokenizer, "-o", str(out_prefix), "-w", str(workers), "--parallel", mode,
-            "--no-progress"]
+def run_cli(corpus: Path, tokenizer: str, out_prefix: Path, workers: int, mode: str,
+            script: Optional[Path] = None) -> Run:
+    """`mod-prep-data` (or ``script``, an older version) in a fresh process; wall time from launch to exit."""
+    args = ["-i", str(corpus), "-t", tokenizer, "-o", str(out_prefix), "-w", str(workers), "--no-progress"]
+    if script is None:
+        args += ["--parallel", mode]
     env = {k: v for k, v in os.environ.items() if k not in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
+    env["PYTHONPATH"] = str(REPO)
+    wrapper = _RSS_WRAPPER if script is None else _RSS_WRAPPER.replace(
+        "from data_prep.tokenize_corpus import main", f"sys.path.insert(0, {str(script.parent)!r}); "
+                                                      f"from {script.stem} import main")
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", _RSS_WRAPPER, *args], cwd=REPO, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", wrapper, *args], cwd=REPO, capture_output=True, text=True,
                        env=env)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"mod-prep-data failed: {' '.join(args)}\n{r.stderr[-3000:]}")
     out = r.stdout
     inside = float(out.split(" in ")[-1].split(" s ")[0])
-    first = float(out.split("first chunk after ")[1].split(" s")[0])
+    first = float(out.split("first chunk after ")[1].split(" s")[0]) if "first chunk after " in out else float("nan")
     main_kb, worker_kb = (int(x) for x in out.split("RSS_KB ")[1].split()[:2])
     h = hashlib.sha256()
     for ext in (".bin", ".idx"):
@@ -203,6 +209,10 @@ def heavy_modules() -> List[str]:
                           text=True).stdout.split()
 
 
+def _seconds(value: float) -> str:
+    return "n/a" if value != value else f"{value:.2f}"  # NaN: the version does not report it
+
+
 def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -218,6 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--train-mb", type=float, default=10.0, help="corpus slice the tokenizers are trained on")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--baseline-script", type=Path, default=None,
+                   help="an older tokenize_corpus.py run the same way with the sentencepiece model, e.g. from "
+                        "`git show 200d328:data_prep/tokenize_corpus.py` (imports torch and megatron-core)")
     p.add_argument("--out", type=Path, default=None, help="write the results as markdown here")
     a = p.parse_args(argv)
 
@@ -268,6 +281,9 @@ def main(argv=None) -> int:
             modes += [("threads", w) for w in a.workers if w > 1]
         runs_by[name] = [run_cli(a.corpus, tok, work / f"out_{name.replace(' ', '_')}_{m}_{w}", w, m)
                          for m, w in modes]
+        if name == "sentencepiece" and a.baseline_script:
+            runs_by[name] += [run_cli(a.corpus, tok, work / f"out_baseline_{w}", w, "baseline", a.baseline_script)
+                              for w in a.workers]
     limits_after = {name: encoder_limit(tok, sample, ratio) for name, tok in tokenizers.items()}
     rows = []
     for name in tokenizers:
@@ -315,7 +331,7 @@ def main(argv=None) -> int:
             for r in runs:
                 lim = limit_1 * min(r.workers, cores)
                 lines.append(f"| {name} | {r.mode} | {r.workers} | {r.mb_per_s:.2f} | {lim:.2f} | "
-                             f"{100 * r.mb_per_s / lim:.0f}% | {r.first_chunk_s:.2f} | {r.max_rss_mb:.0f} / {r.worker_rss_mb:.0f} |")
+                             f"{100 * r.mb_per_s / lim:.0f}% | {_seconds(r.first_chunk_s)} | {r.max_rss_mb:.0f} / {r.worker_rss_mb:.0f} |")
         lines.append("")
         for name, limits, limit_1, runs, identical in rows:
             ways = ", ".join(f"{k}: {v:.2f} MB/s" for k, v in limits.items())
