@@ -51,7 +51,7 @@ PARTS = ("env", "smoke", "throughput", "mod_layer", "sampling", "isoflop")
 # Time shares at GPU scale, where a preset's run costs its steps; at tiny scale every child costs
 # about its start-up (imports), so the shares are more even.
 SHARES = {"env": 0.03, "smoke": 0.14, "throughput": 0.45, "mod_layer": 0.06, "sampling": 0.22, "isoflop": 0.10}
-TINY_SHARES = {"env": 0.05, "smoke": 0.25, "throughput": 0.30, "mod_layer": 0.10, "sampling": 0.20, "isoflop": 0.10}
+TINY_SHARES = {"env": 0.05, "smoke": 0.30, "throughput": 0.30, "mod_layer": 0.08, "sampling": 0.20, "isoflop": 0.07}
 # bf16 on the GPU against fp32 on the CPU, same seed and synthetic data: the largest difference of
 # the LM loss at any logged step (nats) that still counts as tracking.
 SMOKE_LOSS_TOL = 0.1
@@ -271,6 +271,13 @@ def probe_env() -> dict:
 
     cuda = torch.cuda.is_available()
     props = torch.cuda.get_device_properties(0) if cuda else None
+    if not cuda:
+        # DeepSpeed JIT-builds its CPU comm op in every process's first init; build it here, once,
+        # inside env's time, so no later child is killed mid-build (a killed build leaves a lock
+        # that every later child waits on).
+        from deepspeed.comm.torch import build_shm_op
+
+        build_shm_op()
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
             "gpu_memory_gib": props.total_memory / 2**30 if cuda else None,
@@ -699,6 +706,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--scale", choices=sorted(SCALES), default=None, help="default: gpu on CUDA, tiny on CPU")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--smoke-steps", type=int, default=30)
+    p.add_argument("--install-only", action="store_true", help="install the kit into --site, run nothing")
     p.add_argument("--probe-env", action="store_true", help=argparse.SUPPRESS)  # the env part's child
     args = p.parse_args(argv)
     if args.probe_env:
@@ -729,6 +737,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         site = Path(args.site).resolve()
         install_cmd, kit_line = install_kit(Path(args.kit).resolve(), site)
         path.insert(0, str(site))
+    if args.install_only:
+        print(f"{install_cmd}\n# kit: {kit_line}")
+        return {}
     env["PYTHONPATH"] = os.pathsep.join(path + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""

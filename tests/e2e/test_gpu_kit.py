@@ -28,7 +28,7 @@ import gpu_suite  # noqa: E402
 
 # Small enough for the test's time, large enough on 2 idle cores for env, the smoke runs and part
 # of throughput (a child costs ~8 s of start-up). On a machine busy with other work, raise it.
-REHEARSAL_BUDGET_S = float(os.environ.get("GPU_KIT_REHEARSAL_BUDGET_S", "120"))
+REHEARSAL_BUDGET_S = float(os.environ.get("GPU_KIT_REHEARSAL_BUDGET_S", "150"))
 
 
 def test_kit_plan_is_what_the_image_lacks():
@@ -98,16 +98,23 @@ def test_kit_installs_offline_and_the_suite_runs_end_to_end_on_cpu(tmp_path):
                            text=True)
     assert "No module named 'megatron'" in probe.stderr, probe.stderr
 
-    # The kit is installed into a folder beside it (the suite reinstalls when the kit changes), and
-    # DeepSpeed's CPU comm op (JIT-built on CPU only) is cached beside it too: a fresh path each run
-    # would recompile it every time, and the .venv's shared cache would be rebuilt for another path.
-    out, site = tmp_path / "out", gpu_kit.DEFAULT_KIT_ROOT / f"site-{target.tag}"
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(gpu_kit.DEFAULT_KIT_ROOT / f"torch_extensions-{target.tag}"))
+    # The kit's install and DeepSpeed's CPU comm op (JIT-built by every fresh DeepSpeed on CPU, a
+    # minute or more on 2 cores; never on a GPU) are cached outside the clone, at a fixed path so the
+    # op's build stays valid: the suite reinstalls only when the kit changes. The op is built before
+    # the suite starts, so its budget measures the suite, not a compiler.
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mod-train-gpu-kit"
+    out, site = tmp_path / "out", cache / f"site-{target.tag}"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache / f"torch_extensions-{target.tag}"))
     env.pop("PYTHONPATH", None)
+    for stale in Path(env["TORCH_EXTENSIONS_DIR"]).glob("*/lock"):  # left by a build killed earlier
+        stale.unlink()
+    suite = [str(python), str(REPO / "bench" / "gpu_suite.py"), "--kit", str(kit), "--site", str(site)]
+    subprocess.run([*suite, "--install-only"], cwd=REPO, env=env, check=True, timeout=300)
+    subprocess.run([str(python), "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"], cwd=REPO,
+                   env={**env, "PYTHONPATH": f"{site}{os.pathsep}{REPO}"}, check=True, capture_output=True, timeout=900)
     t0 = time.monotonic()
-    r = subprocess.run([str(python), str(REPO / "bench" / "gpu_suite.py"), "--kit", str(kit), "--site", str(site),
-                        "--device", "cpu", "--scale", "tiny", "--budget-s", str(REHEARSAL_BUDGET_S), "--out", str(out),
-                        "--work", str(tmp_path / "work")],
+    r = subprocess.run([*suite, "--device", "cpu", "--scale", "tiny", "--budget-s", str(REHEARSAL_BUDGET_S),
+                        "--out", str(out), "--work", str(tmp_path / "work")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=REHEARSAL_BUDGET_S + 120)
     wall = time.monotonic() - t0
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
