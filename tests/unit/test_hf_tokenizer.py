@@ -130,6 +130,17 @@ def test_training_tokenizer_wrapper(hf):
     assert tokenizer_vocab_size(str(d / "tok")) == tokenizer_vocab_size(info.model_path) == VOCAB
 
 
+def test_config_validation_rejects_a_tokenizer_json_without_eos(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from mod_train.config.validate import ConfigError, tokenizer_vocab_size
+
+    tok = Tokenizer(models.BPE(vocab={"[X]": 0, "a": 1}, merges=[]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ConfigError, match="data.tokenizer_model: tokenizer .* has no EOS token"):
+        tokenizer_vocab_size(str(tmp_path))
+
+
 def test_sentencepiece_bpe_converts_to_identical_hf_encoder(hf, tmp_path):
     """A mod-prep-tokenizer BPE model as a tokenizer.json: same ids on the bundled corpus and on edge cases,
     hence byte-identical mod-prep-data output; a model with user-defined pieces is refused."""
