@@ -184,29 +184,39 @@ class Context:
         prefix = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items())
         self.rec.log(f"\n$ {prefix + ' ' if prefix else ''}{shown}    # {part}: {label}, at most {timeout_s:.0f} s")
         t0 = time.monotonic()
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        out, code = "", None
+        # The child writes straight into suite.log (what it printed survives a kill of the suite);
+        # its part of the log is read back for its RESULT line.
+        offset = self.rec.log_path.stat().st_size
+        with self.rec.log_path.open("ab") as log:
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        code = None
         try:
             if stop_after_s is not None and stop_after_s < timeout_s:
                 try:
-                    out, _ = proc.communicate(timeout=stop_after_s)
+                    proc.wait(timeout=max(stop_after_s, 0.0))
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGTERM)
-            out_rest, _ = proc.communicate(timeout=max(timeout_s - (time.monotonic() - t0), 1.0))
-            out += out_rest or ""
-            code = proc.returncode
+                    kill_group(proc, signal.SIGTERM)
+            code = proc.wait(timeout=max(timeout_s - (time.monotonic() - t0), 1.0))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out_rest, _ = proc.communicate()
-            out += out_rest or ""
+            kill_group(proc, signal.SIGKILL)
+            proc.wait()
         wall = time.monotonic() - t0
-        with self.rec.log_path.open("a") as f:
-            f.write(out)
+        with self.rec.log_path.open("rb") as log:
+            log.seek(offset)
+            out = log.read().decode(errors="replace")
         self.rec.log(f"# exit {code if code is not None else 'KILLED (time share used up)'} after {wall:.1f} s")
         self.rec.results["commands"].append({"part": part, "item": label, "cmd": (prefix + " " + shown).strip(),
                                              "exit": code, "wall_s": round(wall, 1)})
         return code, out, wall
+
+
+def kill_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal a child and everything it started (it leads its own session)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # already gone
+        pass
 
 
 def display(cmd: Sequence) -> str:
@@ -334,7 +344,7 @@ def part_smoke(ctx: Context) -> None:
                 try:
                     ref_out, _ = ref.communicate(timeout=max(ctx.clock.left(), 1.0))
                 except subprocess.TimeoutExpired:
-                    os.killpg(ref.pid, signal.SIGKILL)
+                    kill_group(ref, signal.SIGKILL)
                     ref_out, _ = ref.communicate()
                 with ctx.rec.log_path.open("a") as f:
                     f.write(f"\n# {model}: the fp32 CPU reference (CUDA_VISIBLE_DEVICES= {display(cmd('cpu'))}), "
