@@ -1,10 +1,10 @@
-"""The run logger and its sinks, throughput/MFU, the routing heatmap, metric names, and the
+"""The run logger and its sinks (the main rank's logger against an MLflow store is in
+test_tracking.py, which shares one migrated store), throughput/MFU, the routing heatmap, metric names, and the
 tracking package's import shape (no circle with the trainer, no private names across files)."""
 
 from __future__ import annotations
 
 import ast
-import json
 import math
 import subprocess
 import sys
@@ -14,9 +14,7 @@ import pytest
 
 from mod_train.config.schema import TrackingConfig
 from mod_train.tracking import keys as K
-from mod_train.tracking.flatten import PER_INVOCATION_KEYS, run_params
-from mod_train.tracking.metrics_jsonl import read_metrics
-from mod_train.tracking.run_files import METRICS_FILE, RESOLVED_CONFIG, RUN_DIR_TAG, TENSORBOARD_DIR
+from mod_train.tracking.flatten import run_params
 from mod_train.tracking.run_logger import RunLogger, open_run_logger
 from mod_train.tracking.sinks import Sink, TensorBoardMissing, TensorBoardSink, check_tensorboard
 from mod_train.tracking.throughput import throughput_metrics
@@ -57,40 +55,6 @@ def _open(tmp_path, is_main=True, **tracking):
     config = {"model": {"hidden_size": 8}, "train": {"exit_interval": 5}, "checkpoint": {"resume": "auto"}}
     return open_run_logger(cfg, tmp_path / "run", is_main=is_main, max_steps=10, run_id=None, config=config,
                            resolved_yaml="model:\n  hidden_size: 8\n", tags={"model.family": "dense"})
-
-
-def test_open_run_logger_main_rank_writes_every_sink(tmp_path, capsys):
-    pytest.importorskip("tensorboard")
-    from mlflow import MlflowClient
-
-    (tmp_path / "run").mkdir()
-    logger = _open(tmp_path, tensorboard=True)
-    logger.log(1, {K.LM_LOSS: 3.0, K.GRAD_NORM: 1.5})
-    logger.log(2, {K.LM_LOSS: 2.0})
-    run_id = logger.run_id
-    logger.close("FINISHED")
-
-    run_dir = tmp_path / "run"
-    out = capsys.readouterr().out
-    assert "iteration        1/      10" in out and "lm loss: 2.000000E+00" in out  # the console line
-    assert [(r["step"], r[K.LM_LOSS]) for r in read_metrics(run_dir / METRICS_FILE)] == [(1, 3.0), (2, 2.0)]
-    assert (run_dir / RESOLVED_CONFIG).read_text().startswith("model:")
-
-    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics[K.LM_LOSS] == 2.0
-    assert run.data.params["model.hidden_size"] == "8"
-    assert not set(PER_INVOCATION_KEYS) & set(run.data.params)  # per-invocation keys are tags
-    assert run.data.tags["invocation.train.exit_interval"] == "5"
-    assert run.data.tags["model.family"] == "dense"
-    assert run.data.tags[RUN_DIR_TAG] == str(run_dir.resolve())
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
-    events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars(K.LM_LOSS)] == [(1, 3.0), (2, 2.0)]
-    assert [e.step for e in events.Scalars(K.GRAD_NORM)] == [1]
 
 
 def test_other_ranks_get_a_logger_without_sinks(tmp_path, capsys):

@@ -17,7 +17,12 @@ from mod_train.tracking import (
     MetricsJsonl, MlflowTracker, default_tracking_uri, flatten_config, format_log_line,
     plot_loss_vs_flops, read_metrics,
 )
+from mod_train.config.schema import TrackingConfig
 from mod_train.distributed.world import free_port
+from mod_train.tracking import keys as K
+from mod_train.tracking.flatten import PER_INVOCATION_KEYS
+from mod_train.tracking.run_files import METRICS_FILE, RESOLVED_CONFIG, RUN_DIR_TAG, TENSORBOARD_DIR
+from mod_train.tracking.run_logger import open_run_logger
 from mod_train.tracking.mlflow_run import MAX_RETRIES_ENV, TIMEOUT_ENV
 from tests.mlflow_server import kill_server, start_server
 
@@ -309,3 +314,42 @@ def test_plot_loss_vs_flops(tmp_path):
     out = plot_loss_vs_flops(rows, tmp_path / "plots" / "loss_vs_flops.png")
     assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_loss_vs_flops([{"step": 1, "lm loss": 1.0}], tmp_path / "none.png") is None
+
+
+def test_run_logger_main_rank_writes_every_sink(store, tmp_path, capsys):
+    """The run logger of the main rank: console line, metrics.jsonl, MLflow run (params, per-invocation
+    tags, trainer tags, run_dir tag), resolved config and TensorBoard events."""
+    pytest.importorskip("tensorboard")
+    from mlflow import MlflowClient
+
+    (tmp_path / "run").mkdir()
+    config = {"model": {"hidden_size": 8}, "train": {"exit_interval": 5}, "checkpoint": {"resume": "auto"}}
+    logger = open_run_logger(TrackingConfig(tracking_uri=store[1], experiment="runlogger", tensorboard=True),
+                             tmp_path / "run", is_main=True, max_steps=10, run_id=None, config=config,
+                             resolved_yaml="model:\n  hidden_size: 8\n", tags={"model.family": "dense"})
+    logger.log(1, {K.LM_LOSS: 3.0, K.GRAD_NORM: 1.5})
+    logger.log(2, {K.LM_LOSS: 2.0})
+    run_id = logger.run_id
+    logger.close("FINISHED")
+
+    run_dir = tmp_path / "run"
+    out = capsys.readouterr().out
+    assert "iteration        1/      10" in out and "lm loss: 2.000000E+00" in out  # the console line
+    assert [(r["step"], r[K.LM_LOSS]) for r in read_metrics(run_dir / METRICS_FILE)] == [(1, 3.0), (2, 2.0)]
+    assert (run_dir / RESOLVED_CONFIG).read_text().startswith("model:")
+
+    run = MlflowClient(store[1]).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics[K.LM_LOSS] == 2.0
+    assert run.data.params["model.hidden_size"] == "8"
+    assert not set(PER_INVOCATION_KEYS) & set(run.data.params)  # per-invocation keys are tags
+    assert run.data.tags["invocation.train.exit_interval"] == "5"
+    assert run.data.tags["model.family"] == "dense"
+    assert run.data.tags[RUN_DIR_TAG] == str(run_dir.resolve())
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars(K.LM_LOSS)] == [(1, 3.0), (2, 2.0)]
+    assert [e.step for e in events.Scalars(K.GRAD_NORM)] == [1]
