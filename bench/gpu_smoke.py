@@ -65,25 +65,27 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = p.parse_args(argv)
 
     from mod_train.config.load import compose, to_config
-    from mod_train.train import Trainer
+    from mod_train.config.validate import validate
+    from mod_train.trainer import build_run
 
     cfg = to_config(compose([
         f"model={args.model}", "data=mock", f"model.vocab_size={args.vocab}", f"train.max_steps={args.steps}",
         f"train.log_interval={args.log_interval}", "train.eval_interval=1000000", "checkpoint.save=false",
         "tracking.enabled=false", f"parallel.micro_batch_size={args.micro_batch}",
         f"train.run_dir={args.run_dir}", *args.overrides]))
-    trainer = Trainer(cfg)
+    training = build_run(cfg, validate(cfg))
+    trainer = training.trainer
     cuda = torch.cuda.is_available()
     counter = SyncCounter()
     train_step = trainer.runner.train_step
 
-    def counted_step(batches):
+    def counted_step(batches, *args, **kwargs):
         # Attribute what follows (this step and, if logged, its log line) to the step's number.
         counter.step = trainer.state.step + 1
         if cuda and counter.step == 2:
             torch.cuda.synchronize()
             counter.start()
-        return train_step(batches)
+        return train_step(batches, *args, **kwargs)
 
     trainer.runner.train_step = counted_step
     try:
@@ -91,13 +93,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     finally:
         if cuda:
             counter.stop()
-        trainer.close()
+        training.close()
     rows = [json.loads(line) for line in (Path(args.run_dir) / "metrics.jsonl").read_text().splitlines()]
     logged = {s for s in range(1, args.steps + 1) if s % args.log_interval == 0 or s == args.steps}
     unlogged = {s: n for s, n in counter.per_step.items() if s not in logged and s > 1}
     result = {
         "model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "precision": "bf16" if trainer.derived.bf16 else "fp32",
+        "precision": "bf16" if training.derived.bf16 else "fp32",
         "steps": args.steps, "loss": {str(r["step"]): r["lm loss"] for r in rows if "lm loss" in r},
         "ms_per_step": [r["elapsed time per iteration (ms)"] for r in rows if "elapsed time per iteration (ms)" in r],
         "syncs_counted": cuda,

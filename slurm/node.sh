@@ -2,7 +2,7 @@
 # Runs once per node of a mod-train job (srun --ntasks-per-node=1): starts the command given as
 # arguments (torchrun), replacing "@NODE_RANK@" in them with this node's index in the allocation
 # ($SLURM_NODEID), and forwards SIGUSR1 to the ranks, the processes torchrun started. The ranks
-# finish their step, save a checkpoint together and exit (mod_train/train.py, StopSignals).
+# finish their step, save a checkpoint together and exit (mod_train/engine/signals.py, StopSignals).
 # torchrun itself ignores SIGUSR1 here (it would turn it into a shutdown with a short timeout).
 args=()
 for a in "$@"; do args+=("${a//@NODE_RANK@/${SLURM_NODEID:-0}}"); done

@@ -102,6 +102,13 @@ class Rendezvous(Choice):
     static = "static"
 
 
+class SpikeAction(Choice):
+    off = "off"  # no spike detection (no per-step loss reduction)
+    log = "log"  # count and log spikes, apply the update
+    skip = "skip"  # skip the spiking step's update
+    rollback = "rollback"  # reload the last checkpoint, skip the data of the spike window
+
+
 @dataclass
 class ModConfig:
     """Mixture-of-Depths routing (Raposo et al. 2024). Off by default: a dense model."""
@@ -194,6 +201,8 @@ class ParallelConfig:
     micro_batch_size: int = 2
     # Samples per optimizer step over all data-parallel ranks; None = micro x DP (no accumulation).
     global_batch_size: Optional[int] = None
+    # How long a collective may wait before the process group raises (torch.distributed timeout).
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -227,6 +236,28 @@ class DataConfig:
 
 
 @dataclass
+class SpikeConfig:
+    # A loss above the mean of the last ``window`` accepted losses by ``threshold_sigmas``
+    # standard deviations is a spike; ``action`` says what happens then.
+    action: SpikeAction = SpikeAction.off
+    threshold_sigmas: float = 6.0
+    window: int = 50
+
+
+@dataclass
+class InjectConfig:
+    """Test-only faults (all null in real runs): what the resilience tests inject."""
+
+    nan_loss_at_step: Optional[int] = None  # the loss of this step becomes NaN
+    spike_loss_at_step: Optional[int] = None  # the loss of this step is multiplied by spike_factor
+    spike_factor: float = 100.0
+    skip_update_at_step: Optional[int] = None  # skip this step's update (finite loss): reference runs
+    hang_at_step: Optional[int] = None  # sleep (hang) at the start of this step
+    hang_s: float = 3600.0
+    ranks: Optional[List[int]] = None  # the global ranks the faults apply to (None: all)
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     max_steps: int = 100
@@ -243,6 +274,16 @@ class TrainConfig:
     # Console output of ranks other than 0 (stdout, warnings, INFO logs): off keeps them quiet
     # (errors still show); MOD_TRAIN_LOGLEVEL=INFO/DEBUG also turns it on.
     log_all_ranks: bool = False
+    # Resilience. A non-finite loss or gradient skips the update on every rank (one small
+    # all-reduce per step); the run stops after max_skipped_steps skipped updates in a row.
+    skip_nonfinite: bool = True
+    max_skipped_steps: int = 10
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    # A rank whose step (or evaluation, or checkpoint) runs longer than this dumps every thread's
+    # stack to <run_dir>/watchdog/ and exits non-zero, so a requeued job resumes from the last
+    # checkpoint. None: no watchdog.
+    step_timeout_s: Optional[float] = None
+    inject: InjectConfig = field(default_factory=InjectConfig)
 
 
 @dataclass

@@ -303,6 +303,14 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
     _require(tr.log_interval >= 1, "train.log_interval must be >= 1.")
     if tr.exit_interval is not None:
         _require(tr.exit_interval >= 1, "train.exit_interval must be >= 1 (or null).")
+    _validate_resilience(cfg)
+
+    if has_cuda is None and tr.precision == "auto":
+        # Last: a config error is reported without waiting seconds for torch to import.
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    bf16 = tr.precision == "bf16" or (tr.precision == "auto" and bool(has_cuda))
 
     return Derived(
         world_size=world_size,
@@ -317,3 +325,29 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         moe_layers=moe_layers,
         bf16=bf16,
     )
+
+
+def _validate_resilience(cfg: Config) -> None:
+    """train.max_skipped_steps, train.spike.*, train.step_timeout_s, parallel.collective_timeout_s,
+    train.inject.*."""
+    tr, par = cfg.train, cfg.parallel
+    _require(tr.max_skipped_steps >= 1, f"train.max_skipped_steps must be >= 1, got {tr.max_skipped_steps}.")
+    _require(par.collective_timeout_s > 0,
+             f"parallel.collective_timeout_s must be > 0 seconds, got {par.collective_timeout_s}.")
+    if tr.step_timeout_s is not None:
+        _require(tr.step_timeout_s > 0, f"train.step_timeout_s must be > 0 seconds (or null: no watchdog), "
+                                        f"got {tr.step_timeout_s}.")
+    if tr.spike.action != "off":
+        _require(tr.spike.window >= 2, f"train.spike.window must be >= 2 losses, got {tr.spike.window}.")
+        _require(tr.spike.threshold_sigmas > 0,
+                 f"train.spike.threshold_sigmas must be > 0, got {tr.spike.threshold_sigmas}.")
+    # Skipping an update that DeepSpeed has not flagged drops the step's gradients before
+    # engine.step(); under ZeRO 2/3 they are already reduced into the optimizer's partitions during
+    # the backward pass (non-finite ones are dropped by DeepSpeed's own overflow check instead).
+    discards = tr.spike.action == "skip" or tr.inject.skip_update_at_step is not None
+    _require(not discards or par.zero_stage <= 1,
+             f"train.spike.action=skip (and train.inject.skip_update_at_step) skip an update with finite gradients, "
+             f"which needs parallel.zero_stage 0 or 1 (got {par.zero_stage}). Use train.spike.action=rollback or "
+             f"log under ZeRO 2/3.")
+    _require(tr.spike.action != "rollback" or cfg.checkpoint.save,
+             "train.spike.action=rollback reloads the last checkpoint: it needs checkpoint.save=true.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,8 +38,11 @@ def ensure_env_for_single_process() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -> DistEnv:
-    """Start torch.distributed (via DeepSpeed, so its comm layer is set up too) and parallel_state."""
+def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
+    """Start torch.distributed (via DeepSpeed, so its comm layer is set up too) and parallel_state.
+
+    A collective that waits longer than ``parallel.collective_timeout_s`` raises (megatron's own
+    groups take whole minutes, rounded up)."""
     import deepspeed
 
     ensure_env_for_single_process()
@@ -51,14 +55,14 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
         torch.cuda.set_device(device)
     backend = "nccl" if has_cuda else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=parallel.collective_timeout_s))
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
         context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
-        distributed_timeout_minutes=timeout_minutes,
+        distributed_timeout_minutes=max(1, math.ceil(parallel.collective_timeout_s / 60)),
         # megatron's gloo side-groups are only needed for its distributed optimizer; on CPU the
         # main groups already are gloo.
         create_gloo_process_groups=has_cuda,

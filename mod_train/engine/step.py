@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from mod_train.engine.update_policy import StepCheck, UpdatePolicy, Verdict
 from mod_train.model.aux_losses import AuxLossRecorder
 from mod_train.tracking import keys as K
 from mod_train.model.mod import CausalThresholdCalibrator, causal_routing, mod_layers_of
@@ -57,19 +58,22 @@ class ModelChunks(torch.nn.ModuleList):
         return self[chunk](*args, **kwargs)
 
 
-def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor, loss_factor: float = 1.0):
+    """The schedule's loss function; ``loss_factor`` != 1 only where a test injects a fault."""
     losses = output.float()
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses.view(-1) * mask) / mask.sum().clamp(min=1)
+    if loss_factor != 1.0:
+        loss = loss * loss_factor
     # clone: the schedule divides the returned loss by num_microbatches in place.
     return loss, {K.LM_LOSS: loss.detach().clone()}
 
 
-def make_forward_step(aux: AuxLossRecorder) -> Callable:
+def make_forward_step(loss_factor: float = 1.0) -> Callable:
     def forward_step(data_iterator: Iterator[dict], model: ChunkView):
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, lambda out: _loss_func(batch["loss_mask"], out)
+        return output, lambda out: masked_mean_loss(batch["loss_mask"], out, loss_factor)
 
     return forward_step
 
@@ -83,15 +87,17 @@ class StepMetrics:
     before the next step starts (the routing statistics belong to this step).
     """
 
-    def __init__(self, runner: "StepRunner", losses: List[dict], extra: Optional[dict] = None):
-        self._runner = runner
-        self._losses = losses
+    def __init__(self, reduce: Callable[[List[dict]], Dict[str, float]], losses: List[dict],
+                 extra: Optional[dict] = None):
+        self.reduce = reduce  # losses of the micro-batches -> metrics known on every rank
+        self.losses = losses
         self.extra = extra or {}  # python floats or 0-dim tensors, e.g. the grad norm
+        self.verdict: Verdict = Verdict.APPLY  # whether the step's update was applied (train steps)
         self._values: Optional[Dict[str, float]] = None
 
     def materialize(self) -> Dict[str, float]:
         if self._values is None:
-            values = self._runner._reduce_losses(self._losses)
+            values = self.reduce(self.losses)
             values.update({k: float(v) for k, v in self.extra.items()})
             self._values = values
         return dict(self._values)
@@ -103,7 +109,6 @@ class StepRunner:
         self.cfg = cfg
         self.derived = derived
         self.aux = aux
-        aux.set_aux_loss_scale(1.0 / derived.num_microbatches)
         through_engine = cfg.parallel.zero_stage > 0
         self.views: List[ChunkView] = [ChunkView(engine, i, through_engine) for i in range(len(engine.module))]
         self._tied_weight = self._tied_embedding_weight()
@@ -112,7 +117,7 @@ class StepRunner:
             # DeepSpeed skips "pipeline-replicated" parameters in the gradient norm, so it counts once.
             self._tied_weight.ds_pipe_replicated = True
         self.forward_backward = get_forward_backward_func()
-        self.forward_step = make_forward_step(aux)
+        self.forward_step = make_forward_step()
         chunks = [v.module for v in self.views]
         self.calibrator = CausalThresholdCalibrator(chunks)
         self.has_mod = bool(mod_layers_of(chunks))
@@ -120,7 +125,7 @@ class StepRunner:
     def _read_batches(self, data_iterator) -> List[dict]:
         return [next(data_iterator) for _ in range(self.derived.num_microbatches)]
 
-    def _run(self, batches: List[dict], forward_only: bool) -> StepMetrics:
+    def _run(self, batches: List[dict], forward_only: bool, loss_factor: float = 1.0) -> StepMetrics:
         n_chunks = len(self.views)
         # The step's micro-batches, read once. With virtual pipeline stages megatron's interleaved
         # schedule calls forward_step once per (chunk, micro-batch), each chunk reading its own
@@ -131,7 +136,7 @@ class StepRunner:
         model = self.views[0] if n_chunks == 1 else self.views
         self.aux.reset()
         losses = self.forward_backward(
-            forward_step_func=self.forward_step,
+            forward_step_func=self.forward_step if loss_factor == 1.0 else make_forward_step(loss_factor),
             data_iterator=iterators,
             model=model,
             num_microbatches=self.derived.num_microbatches,
@@ -139,13 +144,12 @@ class StepRunner:
             micro_batch_size=self.cfg.parallel.micro_batch_size,
             forward_only=forward_only,
         )
-        return StepMetrics(self, losses)
+        return StepMetrics(self.reduce_losses, losses)
 
-    def _reduce_losses(self, losses: List[dict]) -> Dict[str, float]:
-        """Mean lm loss over micro-batches and data-parallel ranks, known on every rank.
+    def mean_lm_loss(self, losses: List[dict]) -> float:
+        """Mean lm loss over micro-batches and data-parallel ranks, known on every rank (a host sync).
 
         Only the last pipeline stage computes the loss; it is broadcast over the pipeline group.
-        Per-layer routing statistics (this rank's micro-batches) are gathered over the stages.
         """
         value = torch.zeros(1, dtype=torch.float64, device=self.engine.device)
         if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
@@ -156,7 +160,12 @@ class StepRunner:
         if ps.get_data_parallel_world_size() > 1:
             dist.all_reduce(value, group=ps.get_data_parallel_group())
             value /= ps.get_data_parallel_world_size()
-        out = {K.LM_LOSS: float(value[0])}
+        return float(value[0])
+
+    def reduce_losses(self, losses: List[dict]) -> Dict[str, float]:
+        """The step's metrics on every rank: ``mean_lm_loss`` and the per-layer routing statistics
+        (this rank's micro-batches, averaged over DP ranks, gathered over the pipeline stages)."""
+        out = {K.LM_LOSS: self.mean_lm_loss(losses)}
         summary = self.aux.summary()
         if ps.get_pipeline_model_parallel_world_size() > 1:
             # Routing statistics live with their layers: merge the stages' (disjoint) layer sets.
@@ -192,18 +201,67 @@ class StepRunner:
             return None
         return chunk.shared_embedding_or_output_weight()
 
-    def train_step(self, data_iterator) -> StepMetrics:
+    def train_step(self, data_iterator, policy: Optional[UpdatePolicy] = None, step: int = 0,
+                   loss_factor: float = 1.0) -> StepMetrics:
+        """Forward/backward over the step's micro-batches, then the update unless ``policy`` (asked
+        with what all ranks agreed on, before ``engine.step()``) skips it. ``metrics.verdict`` says
+        what happened; a skipped update leaves weights, optimizer state, LR schedule and the MoD
+        threshold calibrator as they were. ``loss_factor``: a test's injected fault (NaN, spike)."""
         for v in self.views:
             v.train()
-        metrics = self._run(self._read_batches(data_iterator), forward_only=False)
+        metrics = self._run(self._read_batches(data_iterator), forward_only=False, loss_factor=loss_factor)
         self._sync_tied_embedding_grads()
         metrics.extra[K.LEARNING_RATE] = self.engine.get_lr()[0]  # the LR this update uses
-        self.engine.step()
-        self.calibrator.update()
-        grad_norm = self.engine.get_global_grad_norm()  # None under ZeRO stage 0 (DeepSpeed keeps it internal)
-        if grad_norm is not None:
-            metrics.extra[K.GRAD_NORM] = grad_norm
+        verdict = Verdict.APPLY
+        if policy is not None and policy.screens:
+            verdict = policy.decide(step, self.check_step(metrics, with_loss=policy.needs_loss))
+        partitioned = self.engine.zero_optimization_partition_gradients()
+        if verdict.applied or (partitioned and verdict in (Verdict.SKIP_NONFINITE, Verdict.ROLLBACK)):
+            # ZeRO 2/3 reduced the gradients into the optimizer's partitions during backward, where
+            # only step() clears them: a non-finite one is dropped by DeepSpeed's own overflow
+            # check; a rollback's update is overwritten by the checkpoint it reloads.
+            self.engine.step()
+            if verdict.applied and not self.engine.was_step_applied():
+                verdict = Verdict.SKIP_NONFINITE  # DeepSpeed found an overflow the checks did not see
+            elif verdict is Verdict.SKIP_NONFINITE and self.engine.was_step_applied():
+                raise RuntimeError(f"DeepSpeed applied an update with non-finite loss or gradients at step {step} "
+                                   f"(its gradient-overflow check is off?)")
+        else:
+            self.discard_update()
+        if verdict.applied:
+            self.calibrator.update()  # the MoD causal threshold learns from applied steps only
+            grad_norm = self.engine.get_global_grad_norm()  # None under ZeRO 0 (DeepSpeed keeps it internal)
+            if grad_norm is not None:
+                metrics.extra[K.GRAD_NORM] = grad_norm
+        metrics.verdict = verdict
         return metrics
+
+    def check_step(self, metrics: StepMetrics, with_loss: bool) -> StepCheck:
+        """Whether the loss and this rank's gradients are finite on every rank (one all-reduce of a
+        flag over all ranks, one host sync), and with ``with_loss`` the step's mean lm loss."""
+        pieces = [d[K.LM_LOSS].reshape(()) for d in metrics.losses]
+        # Gradients still in .grad (ZeRO 0/1; ZeRO 2/3 hold them in the optimizer's partitions,
+        # which DeepSpeed's overflow check covers).
+        pieces += [p.grad.reshape(-1) for c in self.engine.module for p in c.parameters() if p.grad is not None]
+        bad = torch.zeros(1, dtype=torch.int32, device=self.engine.device)
+        if pieces:
+            bad[0] = (~torch.stack([torch.isfinite(t).all() for t in pieces]).all()).to(torch.int32)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        loss = self.mean_lm_loss(metrics.losses) if with_loss else None
+        return StepCheck(finite=not bool(bad.item()), loss=loss)
+
+    def discard_update(self) -> None:
+        """Drop this step's gradients (ZeRO 0/1: still in ``.grad``); weights, optimizer state and
+        LR schedule stay as they are. Counted like DeepSpeed counts an overflow step."""
+        if self.engine.zero_optimization_partition_gradients():
+            raise RuntimeError("skipping an update with finite gradients needs ZeRO stage 0 or 1 (validated)")
+        if self.engine.zero_optimization():
+            self.engine.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.engine.zero_grad()
+        self.engine.skipped_steps += 1
+        self.engine.global_steps += 1
 
     @torch.no_grad()
     def eval_step(self, data_iterator) -> Dict[str, float]:

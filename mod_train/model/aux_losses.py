@@ -1,17 +1,20 @@
 """Collect per-layer routing statistics (MoD, MoE) from the model's modules for logging.
 
-Layers that route tokens keep their statistics of the last forward pass in themselves and
-expose them through ``routing_stats() -> dict[str, float]``; this walks the model and averages
-them over the micro-batches of a step and over the data-parallel ranks (so rank 0 logs global
-statistics, e.g. MoE expert loads). No global state: the recorder owns the accumulation.
+Layers that route tokens are ``RoutingStatsSource``s (routing_stats.py): the recorder connects
+itself to each of them as their sink, they publish every forward pass's statistics into it, and
+it averages them over the micro-batches of a step and over the data-parallel ranks (so rank 0
+logs global statistics, e.g. MoE expert loads). One direction only: nothing flows back into the
+layers. No global state: the recorder owns the accumulation.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Iterable
+from typing import Dict, Iterable, List
 
 import torch
+
+from mod_train.model.routing_stats import RoutingStatsSource
 
 
 def _data_parallel_group():
@@ -26,10 +29,10 @@ def _data_parallel_group():
 
 class AuxLossRecorder:
     def __init__(self, chunks: Iterable[torch.nn.Module] = ()):
-        self.layers = [m for c in chunks for m in c.modules() if hasattr(m, "routing_stats")]
+        self.layers: List[RoutingStatsSource] = [m for c in chunks for m in c.modules()
+                                                 if isinstance(m, RoutingStatsSource)]
         for m in self.layers:
-            if hasattr(m, "attach_recorder"):
-                m.attach_recorder(self)
+            m.connect_stats_sink(self)
         self._sums: Dict[str, float] = defaultdict(float)
         self._counts: Dict[str, int] = defaultdict(int)
 
@@ -61,9 +64,3 @@ class AuxLossRecorder:
             values /= dist.get_world_size(group)
         means = dict(zip(names, values.tolist()))
         return {k: means[k] for k in self._sums}
-
-    def set_aux_loss_scale(self, scale: float) -> None:
-        """Auxiliary-loss gradients are scaled like the LM loss (1 / micro-batches per step)."""
-        for m in self.layers:
-            if hasattr(m, "aux_loss_scale"):
-                m.aux_loss_scale = scale

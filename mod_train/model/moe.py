@@ -35,6 +35,8 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 
+from mod_train.model.routing_stats import RoutingStatsSource
+
 log = logging.getLogger(__name__)
 
 
@@ -71,7 +73,7 @@ class ObservedRouter(TopKRouter):
 
 
 # ----------------------------------------------------------------------------- layer
-class ObservedMoELayer(MoELayer):
+class ObservedMoELayer(MoELayer, RoutingStatsSource):
     """megatron-core's MoELayer plus per-layer routing statistics (see module docstring).
 
     ``mod_seq_length``: set for the MoE layer of a staged-MoDE layer (inside a MoD layer), the
@@ -87,17 +89,8 @@ class ObservedMoELayer(MoELayer):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection)
         self.mod_seq_length = mod_seq_length
-        self._recorder = None
-        self._stats: Dict[str, torch.Tensor] = {}
         # Routing slots per expert (+ no-op) since the last heatmap; not part of the state dict.
         self.routing_counts: Optional[torch.Tensor] = None
-
-    # -- AuxLossRecorder protocol
-    def attach_recorder(self, recorder) -> None:
-        self._recorder = recorder
-
-    def routing_stats(self) -> Dict[str, float]:
-        return {k: float(v) for k, v in self._stats.items()}
 
     # -- routing
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
@@ -125,10 +118,7 @@ class ObservedMoELayer(MoELayer):
             stats[f"{prefix}/z_loss"] = z
         stats.update(self._extra_stats(prefix, share, hidden_states))
         self.router.last_aux_loss = self.router.last_z_loss = None
-        self._stats = stats
-        if self._recorder is not None:
-            for name, value in stats.items():
-                self._recorder.record(name, value)
+        self.publish_stats(stats)
         if training:
             if self.routing_counts is None or self.routing_counts.device != counts.device:
                 self.routing_counts = torch.zeros_like(counts, dtype=torch.float64)

@@ -91,7 +91,8 @@ def layer_specs(model: ModelConfig, derived: Derived) -> List[ModuleSpec]:
             # Mixture-of-Depths: the layer's block only sees the top-k tokens (mod.py).
             from mod_train.model.mod import mod_layer_spec
 
-            spec = mod_layer_spec(spec, capacity=mod_capacity[idx], mod=model.mod, seq_length=model.seq_length)
+            spec = mod_layer_spec(spec, capacity=mod_capacity[idx], mod=model.mod, seq_length=model.seq_length,
+                                  aux_loss_scale=1.0 / derived.num_microbatches)
         specs.append(spec)
     return specs
 

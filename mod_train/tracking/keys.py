@@ -23,6 +23,8 @@ TOTAL_FLOPS = "total FLOPs"  # cumulative model FLOPs (all devices) up to this s
 MEMORY_GB = "memory (GB)"  # peak allocated accelerator memory of this rank (GPU only)
 SKIPPED_ITERATIONS = "skipped iterations"
 NAN_ITERATIONS = "nan iterations"
+LOSS_SPIKES = "loss spikes"  # steps whose loss the spike detector flagged (train.spike)
+ROLLBACKS = "rollbacks"  # reloads of the last checkpoint after a spike
 
 # Evaluation metrics are the training names with this prefix: "valid lm loss".
 VALID_PREFIX = "valid "

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mod_train.config.load import compose, to_config
-from mod_train.train import run
+from mod_train.trainer import run
 from tests.distributed.resume_driver import straight_and_resumed
 from tests.helpers_train import run_dir_overrides
 

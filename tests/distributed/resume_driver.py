@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from mod_train.config.load import compose, to_config
-from mod_train.train import run
+from mod_train.trainer import run
 from tests.helpers_train import run_dir_overrides
 
 

@@ -271,7 +271,7 @@ def test_requeue_check_cli(tmp_path):
 
 # ------------------------------------------------------------------ the trainer's signal flag
 def test_stop_signals_flag_and_restore():
-    from mod_train.train import StopSignals
+    from mod_train.engine.signals import StopSignals
 
     before = signal.getsignal(signal.SIGUSR1)
     s = StopSignals().install()

@@ -1,0 +1,38 @@
+"""When the loop saves (every ``checkpoint.save_interval`` steps, at max_steps, when the
+invocation stops) and what goes with a checkpoint (the config, the MLflow run id, the FLOPs up to
+it); the reload of the last checkpoint for a rollback. The files themselves are checkpoint/'s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+from mod_train.callbacks.flops import FlopsAccount
+from mod_train.checkpoint.resume import roll_back
+from mod_train.checkpoint.state import Checkpointer, TrainState
+from mod_train.checkpoint.storage import reporting_disk_full
+
+
+class Checkpointing:
+    def __init__(self, checkpointer: Checkpointer, engine, *, enabled: bool, interval: int, max_steps: int,
+                 config: dict, flops: FlopsAccount, run_id: Callable[[], Optional[str]]) -> None:
+        self.checkpointer = checkpointer
+        self.engine = engine
+        self.enabled = enabled
+        self.interval = interval
+        self.max_steps = max_steps
+        self.config = config
+        self.flops = flops
+        self.run_id = run_id
+
+    def due(self, step: int, stopping: bool) -> bool:
+        return self.enabled and (step % self.interval == 0 or step == self.max_steps or stopping)
+
+    def save(self, state: TrainState) -> Path:
+        state.mlflow_run_id = self.run_id()  # known late if the tracking server was down at start
+        self.flops.charge(state)  # the saved total covers every step up to this one
+        with reporting_disk_full(self.checkpointer.dir.root):  # ENOSPC: "disk full", the path and the bytes
+            return self.checkpointer.save(self.engine, state, {"config": self.config})
+
+    def restore_last(self, current: TrainState) -> Optional[TrainState]:
+        return roll_back(self.checkpointer, self.engine, current) if self.enabled else None
