@@ -53,7 +53,7 @@ def _iter(run_dir, step=HALF):
 def reshard_runs(tmp_path_factory, tiny_data):
     out = tmp_path_factory.mktemp("reshard")
     base = tiny_overrides(tiny_data, "parallel.global_batch_size=8", f"train.max_steps={STEPS}",
-                          f"checkpoint.save_interval={HALF}", "checkpoint.keep_last=0", "tracking.enabled=false")
+                          f"checkpoint.save_interval={HALF}", "checkpoint.keep_last=1000", "tracking.enabled=false")
     init = out / "init"
     fresh = base + [f"checkpoint.init_from={init}"]
 
