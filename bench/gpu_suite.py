@@ -514,10 +514,11 @@ def part_sampling(ctx: Context) -> None:
             rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
                 if (run_dir / "metrics.jsonl").is_file() else []
             losses = [r for r in rows if "lm loss" in r]
-            res = {"status": "done" if code in (0, 124) else "failed", "exit": code,
+            status = "done" if code in (0, 124) else "timed out" if code is None else "failed"
+            res = {"status": status, "exit": code,
                    "steps": losses[-1]["step"] if losses else 0,
                    "loss_last": losses[-1]["lm loss"] if losses else None}
-            if code not in (0, 124):
+            if code is not None and code not in (0, 124):
                 res["error"] = tail(out)
             elif (run_dir / "checkpoints").is_dir():
                 checkpoints.append(run_dir / "checkpoints")
@@ -609,7 +610,8 @@ def render_summary(results: dict) -> str:
     out.append("")
     smoke = parts.get("smoke", {}).get("items", {})
     if smoke:
-        out += ["## bf16 smoke", "", f"Loss at logged steps vs {next(iter(smoke.values())).get('reference', '-')}, "
+        reference = "the same run in fp32 on the CPU" if s["device"] == "cuda" else "the same run (the device is the CPU)"
+        out += ["## bf16 smoke", "", f"Loss at logged steps vs {reference}, "
                 f"tolerance {SMOKE_LOSS_TOL} nats; host syncs on unlogged steps (CUDA sync debug mode, from step 2).", "",
                 "| model | status | loss (logged steps) | reference | max diff | tracks | syncs unlogged (steps) | syncs logged |",
                 "|---|---|---|---|---:|---|---|---:|"]
