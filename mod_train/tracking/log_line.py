@@ -46,8 +46,11 @@ _TAIL: Dict[str, Callable[[Any], str]] = {
     K.TOKENS_PER_S: _fixed(0),
     K.TFLOPS_PER_DEVICE: _small,
     K.MFU: lambda v: f"{float(v) * 100:.2f}%",
+    K.MEMORY_GB: _fixed(2),
     K.SKIPPED_ITERATIONS: _int(3),
     K.NAN_ITERATIONS: _int(3),
+    K.LOSS_SPIKES: _int(3),
+    K.ROLLBACKS: _int(3),
 }
 _NOT_METRICS = (K.STEP, K.TIME)
 

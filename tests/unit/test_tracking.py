@@ -297,6 +297,11 @@ def test_log_line_megatron_format():
         " global batch size:    32 | lm loss: 5.123456E+00 | mod router loss: 2.500000E-01 |"
         " grad norm: 1.234 | tokens/s: 1234 | TFLOP/s/device: 0.01 | MFU: 40.00% |"
     )
+    counters = format_log_line(7, 9, {K.NAN_ITERATIONS: 1.0, K.ROLLBACKS: 2.0, K.LOSS_SPIKES: 3.0,
+                                      K.SKIPPED_ITERATIONS: 1.0, K.MEMORY_GB: 12.345},
+                               now=datetime(2026, 11, 22, 10, 0, 0))
+    assert counters.endswith(" memory (GB): 12.35 | skipped iterations:   1 | nan iterations:   1 |"
+                             " loss spikes:   3 | rollbacks:   2 |")
     short = format_log_line(1, 5, {"lm loss": float("nan"), "TFLOP/s/device": 0.0012})
     assert short.endswith("iteration        1/       5 | lm loss: NAN | TFLOP/s/device: 1.20E-03 |")
 
