@@ -38,9 +38,9 @@ class ResumePlan:
         if self.reshard:
             self.checkpointer.load_weights_for_reshard(chunks, self.path)
         elif self.path is None and self.init_from:
-            from mod_train.checkpoint.model_io import load_model, model_dir_of
+            from mod_train.checkpoint.read import load_weights_from
 
-            load_model(chunks, model_dir_of(self.init_from))
+            load_weights_from(chunks, self.init_from)  # a save_model dir or an iter_* dir (its model/)
             self.say(f"initialised the model from {self.init_from}")
 
     def load_state(self, engine, scheduler) -> TrainState:

@@ -115,3 +115,18 @@ def test_deepspeed_readable_layouts():
     cfg.parallel.tp, cfg.parallel.ep = 2, 2
     with pytest.raises(CheckpointReadError, match=r"written with parallel.tp=2, parallel.ep=2; without a layout-free"):
         check_deepspeed_readable(cfg)
+
+
+def test_load_weights_from_a_model_dir_or_an_iter_dir(megatron_tp1, tmp_path):
+    """checkpoint.init_from's reader: save_model's directory, or an iter_* directory holding it."""
+    from mod_train.checkpoint.model_io import save_model
+    from tests.unit.test_inference import build
+
+    source, _ = build("model=tiny_mod", seed=1)
+    save_model([source], tmp_path / "iter_0000001" / "model")
+    want = {k: v for k, v in source.state_dict().items() if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    for path in (tmp_path / "iter_0000001", tmp_path / "iter_0000001" / "model"):
+        target, _ = build("model=tiny_mod", seed=2)
+        assert load_weights_from([target], path) == tmp_path / "iter_0000001" / "model"
+        got = target.state_dict()
+        assert [k for k in want if not torch.equal(got[k], want[k])] == []
