@@ -25,8 +25,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint root (runs/<run>/checkpoints) or an iter_* dir")
     p.add_argument("--iter", default="latest", help="step to export, or 'latest' (default)")
-    p.add_argument("--out", required=True, help="the .pt file to write")
+    p.add_argument("--out", required=True, help="the .pt file to write (--format hf: a directory)")
+    p.add_argument("--step", dest="iter", help="alias of --iter")
+    p.add_argument("--format", choices=("pt", "hf"), default="pt",
+                   help="pt: one layout-free .pt (default); hf: a Hugging Face transformers directory (mod_train.hf)")
+    p.add_argument("--tokenizer", help="--format hf: the tokenizer to convert (default: the checkpoint's data.tokenizer_model)")
     args = p.parse_args(argv)
+    if args.format == "hf":
+        return _export_hf(args)
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.iter)
         record = load_export(out)
@@ -35,6 +41,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     n = sum(v.numel() for v in record["state_dict"].values())
     print(f"exported {record['source']} (step {record['step']}, {len(record['state_dict'])} tensors, "
           f"{n} parameters) to {out}")
+    return 0
+
+
+def _export_hf(args) -> int:
+    from mod_train.distributed.world_of_one import SingleProcessError
+    from mod_train.hf.deps import MissingExtraError
+    from mod_train.hf.export import HFExportError, export_checkpoint_hf
+
+    try:
+        out, target = export_checkpoint_hf(args.checkpoint, args.out, args.iter, args.tokenizer)
+    except (InferenceError, CheckpointReadError, SingleProcessError, HFExportError, MissingExtraError) as e:
+        raise SystemExit(f"mod-export: error: {e}") from None
+    print(f"exported {args.checkpoint} as a Hugging Face {target.value} model to {out}")
     return 0
 
 
