@@ -56,6 +56,7 @@ from mod_train.config.schema import ModConfig
 from mod_train.model.flops import routed_tokens
 from mod_train.model.moe import ensure_router_gemm_fallback
 from mod_train.model.routing_stats import RoutingStatsSource
+from mod_train.tracking.keys import mod_layer_prefix
 
 
 # ----------------------------------------------------------------------------- routing primitives
@@ -352,7 +353,7 @@ class MoDTransformerLayer(TransformerLayer, RoutingStatsSource):
         """How well the causal decision (what sampling runs) matches top-k (what training runs)."""
         decision = self.router.causal_decision(causal_logits).float()
         hits = (decision * target).sum()
-        prefix = f"mod/layer{self.layer_number}"
+        prefix = mod_layer_prefix(self.layer_number)
         routed_frac = decision.mean()
         self.publish_stats({
             f"{prefix}/causal_routed_frac": routed_frac,

@@ -36,6 +36,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 
 from mod_train.model.routing_stats import RoutingStatsSource
+from mod_train.tracking.keys import moe_layer_prefix
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class ObservedMoELayer(MoELayer, RoutingStatsSource):
         return probs, routing_map
 
     def _record(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, training: bool) -> None:
-        prefix = f"moe/layer{self.layer_number}"
+        prefix = moe_layer_prefix(self.layer_number)
         counts = routing_map.sum(dim=0, dtype=torch.float32)  # [experts (+ no-op)]
         slots = float(routing_map.size(0) * self.config.moe_router_topk)
         share = counts / max(slots, 1.0)

@@ -44,14 +44,24 @@ def valid_key(key: str) -> str:
     return VALID_PREFIX + key
 
 
+def mod_layer_prefix(layer_number: int) -> str:
+    """``mod/layer3``: the prefix of the statistics of the MoD layer ``layer_number`` (1-based)."""
+    return f"{MOD_PREFIX}/layer{layer_number}"
+
+
+def moe_layer_prefix(layer_number: int) -> str:
+    """``moe/layer2``: the prefix of the statistics of the MoE layer ``layer_number`` (1-based)."""
+    return f"{MOE_PREFIX}/layer{layer_number}"
+
+
 def mod_layer_key(layer_number: int, stat: str) -> str:
     """``mod/layer3/aux_loss``: a statistic of the MoD layer ``layer_number`` (1-based)."""
-    return f"{MOD_PREFIX}/layer{layer_number}/{stat}"
+    return f"{mod_layer_prefix(layer_number)}/{stat}"
 
 
 def moe_layer_key(layer_number: int, stat: str) -> str:
     """``moe/layer2/load_e0``: a statistic of the MoE layer ``layer_number`` (1-based)."""
-    return f"{MOE_PREFIX}/layer{layer_number}/{stat}"
+    return f"{moe_layer_prefix(layer_number)}/{stat}"
 
 
 def is_moe_layer_stat(key: str, stat: str) -> bool:
