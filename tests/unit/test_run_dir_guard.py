@@ -139,3 +139,22 @@ def test_second_launch_is_refused_and_killing_the_launcher_leaves_no_rank(tmp_pa
     gone, alive = psutil.wait_procs(ranks, timeout=60)
     assert not alive, f"ranks outlived their launcher: {[p.pid for p in alive]}"
     RunLock(run).acquire().release()  # and the lock they left is broken: its owners are gone
+
+
+def test_a_process_that_asked_to_die_with_its_parent_does_when_the_parent_is_killed(tmp_path):
+    """The mechanism between mod-launch and torchrun (SIGTERM: torchrun stops its ranks) and between
+    torchrun and the ranks (SIGKILL): the parent gets SIGKILL, the child must not survive it."""
+    import psutil
+
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; "
+        "from mod_train.distributed.parent_death import die_with_parent; import signal; "
+        "die_with_parent(signal.SIGTERM); print(1, flush=True); time.sleep(600)'], stdout=subprocess.PIPE)\n"
+        "child.stdout.readline(); print(child.pid, flush=True); time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(parent.stdout.readline()))
+    parent.kill()
+    parent.wait()
+    gone, alive = psutil.wait_procs([child], timeout=20)
+    assert not alive, "the child outlived its SIGKILLed parent"
