@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -62,7 +63,9 @@ def test_budget_passes_unused_time_on_and_skips_what_would_overrun(tmp_path):
 
 def simulated_image(root: Path) -> Path:
     """A folder of links to the top-level files of every installed distribution the GPU image also
-    has (gpu_kit.IMAGE_PACKAGES); megatron-core, deepspeed, hydra, ... are not among them."""
+    has (gpu_kit.IMAGE_PACKAGES); megatron-core, deepspeed, hydra, ... are not among them. Made
+    anew each time, at a fixed path (torch's include paths are in the cached op's build lines)."""
+    shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     for dist in metadata.distributions():
         name = gpu_kit.canonicalize_name(dist.metadata["Name"])
@@ -86,7 +89,8 @@ def test_kit_installs_offline_and_the_suite_runs_end_to_end_on_cpu(tmp_path):
         pytest.skip(f"the kit's wheels could not be downloaded or built here (no registry?): {str(e)[:300]}")
     kit = gpu_kit.DEFAULT_KIT_ROOT / target.tag
     assert manifest["total_bytes"] < 32 * 2**20
-    image = simulated_image(tmp_path / "image")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mod-train-gpu-kit"
+    image = simulated_image(cache / f"image-{target.tag}")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -99,10 +103,9 @@ def test_kit_installs_offline_and_the_suite_runs_end_to_end_on_cpu(tmp_path):
     assert "No module named 'megatron'" in probe.stderr, probe.stderr
 
     # The kit's install and DeepSpeed's CPU comm op (JIT-built by every fresh DeepSpeed on CPU, a
-    # minute or more on 2 cores; never on a GPU) are cached outside the clone, at a fixed path so the
-    # op's build stays valid: the suite reinstalls only when the kit changes. The op is built before
-    # the suite starts, so its budget measures the suite, not a compiler.
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mod-train-gpu-kit"
+    # minute or more on 2 cores; never on a GPU) are cached outside the clone, at fixed paths (like
+    # the image's) so the op's build stays valid: the suite reinstalls only when the kit changes.
+    # The op is built before the suite starts, so its budget measures the suite, not a compiler.
     out, site = tmp_path / "out", cache / f"site-{target.tag}"
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache / f"torch_extensions-{target.tag}"))
     env.pop("PYTHONPATH", None)
