@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from mod_train.config.ranges import check_ranges
 from mod_train.config.schema import Config
 
 
@@ -83,7 +84,7 @@ def tokenizer_vocab_size(path: str) -> int:
         raise ConfigError(f"data.tokenizer_model: {e}") from e
 
 
-def check_data_paths(paths: List[str], weights: Optional[List[float]]) -> None:
+def check_data_paths(paths: List[str], weights: Optional[List[float]], vocab_size: Optional[int] = None) -> None:
     _require(len(paths) > 0, "data.paths is empty: give at least one indexed dataset prefix "
                              "(the path of a .bin/.idx pair without the extension), made by `mod-prep-data`.")
     for prefix in paths:
@@ -91,6 +92,13 @@ def check_data_paths(paths: List[str], weights: Optional[List[float]]) -> None:
         _require(not missing, f"data.paths: '{prefix}' has no {' or '.join(missing)} file "
                               f"(looked for {prefix}.bin and {prefix}.idx). Tokenize with `mod-prep-data` "
                               f"or fix the path (a prefix, without .bin/.idx).")
+    from mod_train.data.indexed_check import DatasetCheckError, check_indexed_dataset
+
+    for prefix in paths:  # sizes, dtype and token ids against the tokenizer (indexed_check.py)
+        try:
+            check_indexed_dataset(prefix, vocab_size)
+        except DatasetCheckError as e:
+            raise ConfigError(str(e)) from None
     if weights is not None:
         _require(len(weights) == len(paths), f"data.weights has {len(weights)} entries but data.paths has "
                                              f"{len(paths)}: give one weight per path or none.")
@@ -102,10 +110,6 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
     """Check every cross-field rule; return the derived layout. No torch.distributed here."""
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if has_cuda is None:
-        import torch
-
-        has_cuda = torch.cuda.is_available()
     m, par, opt, tr = cfg.model, cfg.parallel, cfg.optim, cfg.train
 
     # ---- sizes
@@ -116,6 +120,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
                      ("train.max_steps", tr.max_steps)]:
         _require(val >= 1, f"{key} must be >= 1, got {val}.")
     _require(par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {par.zero_stage}.")
+    out_of_range = check_ranges(cfg, world_size)  # one value at a time (ranges.py)
+    _require(out_of_range is None, out_of_range or "")
 
     # megatron-core implements context parallelism inside Transformer Engine's attention only, and
     # the batch must be split per CP rank (load-balanced chunks): neither is wired in yet.
@@ -198,7 +204,6 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
 
     # ---- precision
     _require(tr.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got '{tr.precision}'.")
-    bf16 = tr.precision == "bf16" or (tr.precision == "auto" and has_cuda)
 
     # ---- MoD
     mod_layers: List[int] = []
@@ -291,7 +296,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
                      f"model.vocab_size={m.vocab_size} does not match the tokenizer's vocabulary of {tok_vocab} "
                      f"({cfg.data.tokenizer_model}). Set model.vocab_size={tok_vocab} or null (take it from the tokenizer).")
         vocab = tok_vocab
-        check_data_paths(list(cfg.data.paths), None if cfg.data.weights is None else list(cfg.data.weights))
+        check_data_paths(list(cfg.data.paths), None if cfg.data.weights is None else list(cfg.data.weights),
+                         tok_vocab)
     _require(vocab >= 1, "model.vocab_size is unknown: set data.tokenizer_model (or model.vocab_size).")
     padded_vocab = pad_vocab(vocab, m.make_vocab_size_divisible_by)
     _require(padded_vocab % par.tp == 0,
