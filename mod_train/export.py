@@ -30,6 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--format", choices=("pt", "hf"), default="pt",
                    help="pt: one layout-free .pt (default); hf: a Hugging Face transformers directory (mod_train.hf)")
     p.add_argument("--tokenizer", help="--format hf: the tokenizer to convert (default: the checkpoint's data.tokenizer_model)")
+    p.add_argument("--no-tokenizer", action="store_true", help="--format hf: write the model without a tokenizer")
     args = p.parse_args(argv)
     if args.format == "hf":
         return _export_hf(args)
@@ -50,7 +51,8 @@ def _export_hf(args) -> int:
     from mod_train.hf.export import HFExportError, export_checkpoint_hf
 
     try:
-        out, target = export_checkpoint_hf(args.checkpoint, args.out, args.iter, args.tokenizer)
+        out, target = export_checkpoint_hf(args.checkpoint, args.out, args.iter, args.tokenizer,
+                                           with_tokenizer=not args.no_tokenizer)
     except (InferenceError, CheckpointReadError, SingleProcessError, HFExportError, MissingExtraError) as e:
         raise SystemExit(f"mod-export: error: {e}") from None
     print(f"exported {args.checkpoint} as a Hugging Face {target.value} model to {out}")

@@ -179,7 +179,13 @@ def write_tokenizer(tokenizer_path: str, out: Path) -> None:
         else:
             (out / HF_CONFIG_FILE).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     else:
-        write(str(file), str(out))
+        from data_prep._io import DataPrepError
+
+        try:
+            write(str(file), str(out))
+        except DataPrepError as e:
+            raise HFExportError(f"{e}. Pass --tokenizer with an equivalent tokenizer.json, or --no-tokenizer "
+                                "to export the model alone") from None
 
 
 def save_hf(model, target: HFTarget, out: Path, tokenizer_path: Optional[str], special: Dict[str, Optional[int]],
@@ -200,21 +206,24 @@ def save_hf(model, target: HFTarget, out: Path, tokenizer_path: Optional[str], s
     return out
 
 
-def export_loaded_hf(loaded, out: Union[str, Path], tokenizer_path: Optional[str] = None) -> Tuple[Path, HFTarget]:
+def export_loaded_hf(loaded, out: Union[str, Path], tokenizer_path: Optional[str] = None,
+                     with_tokenizer: bool = True) -> Tuple[Path, HFTarget]:
     """A loaded checkpoint (``mod_train.inference.loader.LoadedModel``) -> a transformers directory."""
     state = {k: v.detach().cpu().float().clone() for k, v in loaded.model.state_dict().items()
              if torch.is_tensor(v) and not k.endswith("_extra_state")}
     cfg, derived = loaded.config, loaded.derived
     special = _special_ids(tokenizer_path) if tokenizer_path else {}
     model, target = build_hf_model(state, cfg, derived, special)
-    save_hf(model, target, Path(out), tokenizer_path, special, cfg.model.vocab_size or derived.padded_vocab_size,
+    save_hf(model, target, Path(out), tokenizer_path if with_tokenizer else None, special,
+            cfg.model.vocab_size or derived.padded_vocab_size,
             derived.padded_vocab_size)
     return Path(out), target
 
 
 def export_checkpoint_hf(checkpoint: Union[str, Path], out: Union[str, Path], iteration: Optional[str] = "latest",
-                         tokenizer_path: Optional[str] = None) -> Tuple[Path, HFTarget]:
-    """``mod-export --format hf``: checkpoint root or ``iter_*`` dir -> transformers directory, in this process."""
+                         tokenizer_path: Optional[str] = None, with_tokenizer: bool = True) -> Tuple[Path, HFTarget]:
+    """``mod-export --format hf``: checkpoint root or ``iter_*`` dir -> transformers directory, in this process
+    (``with_tokenizer=False``: the model alone; the special ids still come from the tokenizer)."""
     from mod_train.distributed.world_of_one import world_of_one
     from mod_train.inference.loader import load_tokenizer_for, load_model, open_checkpoint
 
@@ -224,4 +233,4 @@ def export_checkpoint_hf(checkpoint: Union[str, Path], out: Union[str, Path], it
     path = tokenizer_path or source.config.data.tokenizer_model
     with world_of_one():
         loaded = load_model(source, vocab_size=vocab)
-        return export_loaded_hf(loaded, out, path)
+        return export_loaded_hf(loaded, out, path, with_tokenizer=with_tokenizer)
