@@ -139,6 +139,14 @@ def check_resume_and_init(cfg_dict: dict, checkpoint_root: Path, resume: str, in
     if path is not None:
         check_compatible(path, cfg_dict, "checkpoint.resume")
         return path
+    if init_from and init_from.startswith("hf:"):  # a Hugging Face directory: its config.json vs model=
+        from mod_train.hf.import_ import HFImportError, check_hf_init
+
+        try:
+            check_hf_init(init_from, cfg_dict)
+        except HFImportError as e:
+            raise IncompatibleCheckpoint(str(e)) from None
+        return None
     if init_from:
         src = Path(init_from).expanduser()
         if not src.exists():

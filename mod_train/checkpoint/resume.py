@@ -39,8 +39,12 @@ class ResumePlan:
             self.checkpointer.load_weights_for_reshard(chunks, self.path)
         elif self.path is None and self.init_from:
             from mod_train.checkpoint.read import load_weights_from
+            from mod_train.hf.import_ import is_hf_source, load_hf_into  # hf:<dir>, a Hugging Face Llama
 
-            load_weights_from(chunks, self.init_from)  # a save_model dir or an iter_* dir (its model/)
+            if is_hf_source(self.init_from):
+                load_hf_into(chunks, self.init_from)
+            else:
+                load_weights_from(chunks, self.init_from)  # a save_model dir or an iter_* dir (its model/)
             self.say(f"initialised the model from {self.init_from}")
 
     def load_state(self, engine, scheduler) -> TrainState:

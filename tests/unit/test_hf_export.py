@@ -78,3 +78,34 @@ def test_hf_export_logits_and_greedy(megatron_tp1, tmp_path, overrides, target):
         got = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(prompt):].tolist()
     assert got == want
+
+
+def test_llama_export_import_export_round_trip_and_mismatch(megatron_tp1, tmp_path):
+    """export -> hf: import into a fresh model -> export: identical tensors (GQA, untied); a preset
+    that does not match the directory is refused at preflight naming the keys."""
+    from safetensors.torch import load_file
+
+    from mod_train.checkpoint.compatibility import IncompatibleCheckpoint, check_resume_and_init
+    from mod_train.config.load import to_plain_dict
+    from mod_train.hf.import_ import load_hf_into
+
+    overrides = ["model=tiny", "model.num_query_groups=2"]
+    model, cfg = build(*overrides, seed=0)
+    first, target = export_loaded_hf(loaded_of(model, cfg), tmp_path / "a")
+    assert target is HFTarget.llama
+    check_resume_and_init(to_plain_dict(cfg), tmp_path / "ck", "none", f"hf:{first}")  # matches: no error
+
+    fresh, _ = build(*overrides, seed=5)
+    assert not torch.equal(fresh.decoder.layers[0].self_attention.linear_qkv.weight,
+                           model.decoder.layers[0].self_attention.linear_qkv.weight)
+    load_hf_into([fresh], f"hf:{first}")
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        if torch.is_tensor(a) and not name.endswith("_extra_state"):
+            assert torch.equal(a, b), name
+    second, _ = export_loaded_hf(loaded_of(fresh, cfg), tmp_path / "b")
+    one, two = load_file(str(next(first.glob("*.safetensors")))), load_file(str(next(second.glob("*.safetensors"))))
+    assert sorted(one) == sorted(two) and all(torch.equal(one[k], two[k]) for k in one)
+
+    _, other = build("model=tiny", "model.num_layers=2")
+    with pytest.raises(IncompatibleCheckpoint, match=r"model.num_layers: ours 2, a 4.*num_query_groups: ours 4, a 2"):
+        check_resume_and_init(to_plain_dict(other), tmp_path / "ck", "none", f"hf:{first}")
