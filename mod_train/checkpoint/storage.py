@@ -150,9 +150,11 @@ def reporting_disk_full(root: Path) -> Iterator[None]:
     the directory, the free bytes and the bytes a checkpoint of this run needs."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+    except BaseException as e:  # noqa: BLE001 - re-raised unless it is a full disk
+        # BaseException: torch.distributed.checkpoint wraps a rank's write error in one
+        # (CheckpointException); interrupts and exits pass through untouched.
         root = Path(root)
-        if not is_disk_full(e, root):
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)) or not is_disk_full(e, root):
             raise
         try:
             free = shutil.disk_usage(_existing_parent(root)).free

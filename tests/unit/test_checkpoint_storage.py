@@ -127,3 +127,30 @@ def test_stale_staging_and_deleting_directories_are_cleaned_at_start(tmp_path):
     cfg, derived = _cfg(tmp_path, root)
     preflight(cfg, derived, main_rank=True).release()
     assert sorted(p.name for p in root.iterdir()) == ["iter_0000005", "latest"]
+
+
+def test_a_training_run_that_fills_its_disk_says_disk_full_and_keeps_the_last_checkpoint(tmp_path, mounts):
+    """End to end (one rank, real DeepSpeed and layout-free saves): room for one checkpoint and a
+    half; the second save fails with "disk full", the path and the bytes, and the first checkpoint
+    stays the latest, complete one."""
+    import os
+    import sys
+
+    from mod_train.checkpoint.layout import CheckpointDir
+    from mod_train.checkpoint.storage import estimate_checkpoint_bytes
+    from mod_train.distributed.world import free_port
+
+    overrides = MOCK + [f"train.run_dir={tmp_path / 'run'}", "train.max_steps=3", "checkpoint.save_interval=1",
+                        "checkpoint.keep_last=3"]
+    cfg = to_config(compose(overrides))
+    need = estimate_checkpoint_bytes(cfg, validate(cfg, world_size=1, has_cuda=False))
+    fs = mounts(tmp_path / "fs", "-t", "tmpfs", "-o", f"size={int(need * 1.45) // 4096 * 4096}", "tmpfs")
+    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env.pop("MOD_TRAIN_RUN_LOCK", None)
+    r = subprocess.run([sys.executable, "-m", "mod_train.train", *overrides, f"checkpoint.dir={fs / 'ck'}"],
+                       cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=400)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    assert f"disk full while saving a checkpoint to {fs / 'ck'}" in out and "bytes" in out, out[-3000:]
+    assert CheckpointDir(fs / "ck").find_latest()[0] == 1
