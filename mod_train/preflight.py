@@ -73,6 +73,13 @@ def preflight(cfg, derived: Derived, *, main_rank: Optional[bool] = None,
 
     if main_rank is None:
         main_rank = int(os.environ.get("RANK", "0")) == 0
+    if cfg.tracking.tensorboard:  # the optional sink's package, named with its extra (every rank)
+        from mod_train.tracking.sinks import TensorBoardMissing, check_tensorboard
+
+        try:
+            check_tensorboard()
+        except TensorBoardMissing as e:
+            raise PreflightError(str(e)) from None
     check_checkpoint_fits(cfg)
     if not main_rank:
         return None

@@ -93,6 +93,16 @@ def test_missing_tensorboard_names_the_extra(monkeypatch, tmp_path):
     # every rank fails alike, before anything is written
     with pytest.raises(TensorBoardMissing):
         _open(tmp_path, is_main=False, tensorboard=True)
+    # and mod-train refuses it at start (exit 2, before any process group), naming the extra
+    from mod_train.config.load import compose, to_config
+    from mod_train.config.validate import validate
+    from mod_train.preflight import PreflightError, preflight
+
+    cfg = to_config(compose(["data=mock", "model.vocab_size=512", f"train.run_dir={tmp_path / 'tb_run'}",
+                             "tracking.tensorboard=true"]))
+    with pytest.raises(PreflightError, match=r"\[tensorboard\]"):
+        preflight(cfg, validate(cfg), main_rank=True)
+    assert not (tmp_path / "tb_run").exists()
 
 
 def test_run_params_splits_per_invocation_keys_into_tags():
