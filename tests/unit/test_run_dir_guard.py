@@ -100,45 +100,70 @@ def _descendants(pid: int):
         return []
 
 
-def test_second_launch_is_refused_and_killing_the_launcher_leaves_no_rank(tmp_path):
-    import psutil
+def _tiny_overrides(run: Path):
+    return ["data=mock", "model.vocab_size=256", "tracking.enabled=false", f"train.run_dir={run}",
+            "train.max_steps=100000", "train.log_interval=1", "train.eval_interval=100000", "checkpoint.save=false",
+            "model.num_layers=1", "model.hidden_size=16", "model.num_attention_heads=2", "model.seq_length=16"]
 
-    run = tmp_path / "run"
-    overrides = ["data=mock", "model.vocab_size=256", "tracking.enabled=false", f"train.run_dir={run}",
-                 "train.max_steps=100000", "train.log_interval=1", "train.eval_interval=100000",
-                 "checkpoint.save=false", "model.num_layers=1", "model.hidden_size=16", "model.num_attention_heads=2",
-                 "model.seq_length=16"]
+
+def _launch_env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop(LOCK_ENV, None)
-    first = subprocess.Popen([sys.executable, "-m", "launch.local", "--nproc", "2", *overrides], cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    ranks = []
-    try:
-        deadline = time.time() + 240
-        # Training: both ranks are past their start (parent-death signal set, process group up).
-        while time.time() < deadline and not (run / "metrics.jsonl").is_file():
-            assert first.poll() is None, first.stderr.read()[-3000:]
-            time.sleep(0.5)
-        assert (run / "metrics.jsonl").is_file(), "the first launch never trained"
-        ranks = [p for p in _descendants(first.pid)
-                 if "mod_train.train" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]
-        assert len(ranks) == 2, [p.cmdline() for p in _descendants(first.pid)]
+    return env
 
-        second = subprocess.run([sys.executable, "-m", "launch.local", "--nproc", "2", *overrides], cwd=REPO,
-                                env=env, capture_output=True, text=True, timeout=120)
+
+def _ranks_when_training(launcher: subprocess.Popen, run: Path, timeout: float = 300):
+    """The launcher's two rank processes, once both train (past their start: parent-death signal
+    set, process group up, a step logged)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+        time.sleep(0.5)
+    assert (run / "metrics.jsonl").is_file(), "the launch never trained"
+    ranks = [p for p in _descendants(launcher.pid)
+             if "mod_train.train" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]
+    assert len(ranks) == 2, [p.cmdline() for p in _descendants(launcher.pid)]
+    return ranks
+
+
+def test_second_launch_is_refused_and_no_rank_outlives_a_killed_or_stopped_launcher(tmp_path):
+    """Two launches at once (their start-up costs overlap): A is the target of a second launch and
+    a direct mod_train.train (both refused, owner named), then its process group is SIGKILLed; B
+    gets SIGTERM (the launcher alone), stops its ranks and releases its lock."""
+    import psutil
+
+    runs = {k: tmp_path / k for k in "AB"}
+    procs = {k: subprocess.Popen([sys.executable, "-m", "launch.local", "--nproc", "2", *_tiny_overrides(run)],
+                                 cwd=REPO, env=_launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True) for k, run in runs.items()}
+    ranks = {}
+    try:
+        ranks = {k: _ranks_when_training(procs[k], runs[k]) for k in "AB"}
+        first = procs["A"]
+        second = subprocess.run([sys.executable, "-m", "launch.local", "--nproc", "2", *_tiny_overrides(runs["A"])],
+                                cwd=REPO, env=_launch_env(), capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr[-3000:]
         assert "in use by another job" in second.stderr and f"PID {first.pid}" in second.stderr, second.stderr
         assert socket.gethostname() in second.stderr
-        direct = subprocess.run([sys.executable, "-m", "mod_train.train", *overrides], cwd=REPO,
-                                env={**env, "RANK": "0", "WORLD_SIZE": "1"}, capture_output=True, text=True,
-                                timeout=120)
+        direct = subprocess.run([sys.executable, "-m", "mod_train.train", *_tiny_overrides(runs["A"])], cwd=REPO,
+                                env={**_launch_env(), "RANK": "0", "WORLD_SIZE": "1"}, capture_output=True,
+                                text=True, timeout=120)
         assert direct.returncode == 2 and f"PID {first.pid}" in direct.stderr, direct.stderr[-3000:]
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the launcher's whole process group, as a user would
+
+        os.killpg(first.pid, signal.SIGKILL)  # A: the launcher's whole process group, as a user would
         first.wait()
-    gone, alive = psutil.wait_procs(ranks, timeout=60)
-    assert not alive, f"ranks outlived their launcher: {[p.pid for p in alive]}"
-    RunLock(run).acquire().release()  # and the lock they left is broken: its owners are gone
+        os.kill(procs["B"].pid, signal.SIGTERM)  # B: the launcher alone (a job's termination)
+        assert procs["B"].wait(timeout=120) != 0
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    for k in "AB":
+        gone, alive = psutil.wait_procs(ranks.get(k, []), timeout=60)
+        assert not alive, f"launch {k}: ranks outlived their launcher: {[p.pid for p in alive]}"
+    assert not (runs["B"] / LOCK_FILE).exists(), "a stopped launcher releases its lock"
+    RunLock(runs["A"]).acquire().release()  # a killed one's lock is broken: its owners are gone
 
 
 def test_a_process_that_asked_to_die_with_its_parent_does_when_the_parent_is_killed(tmp_path):
