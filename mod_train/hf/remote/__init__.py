@@ -1,0 +1,1 @@
+"""Modeling files copied into exported Hugging Face directories (see mod_train.hf.export)."""
