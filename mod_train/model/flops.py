@@ -37,8 +37,9 @@ Integrated: the MoE router has n no-op columns besides its E experts; a routing 
 column is dropped before dispatch and does no MLP work, so an integrated-MoDE layer runs
 top_k x (1 - noop_fraction) experts per token, where ``noop_fraction`` is the share of routing
 slots on no-op columns. That share is measured during training (``mode.py`` counts the slots of
-every training forward pass); the trainer charges each step at the share measured over the steps
-it covers (see ``train.py``), and a planned count (the isoFLOP budget) has to assume one.
+every training forward pass); the trainer charges each logged interval of steps at the share
+measured over exactly those steps, and a planned count (the isoFLOP budget) has to assume one
+(:func:`balanced_noop_fraction`).
 """
 
 from __future__ import annotations
