@@ -19,6 +19,7 @@ import subprocess
 import sys
 from typing import List, Optional, Sequence
 
+from mod_train.distributed.parent_death import parent_death_preexec
 from mod_train.distributed.world import free_port
 
 
@@ -51,13 +52,6 @@ def check_config(nproc: int, overrides: Sequence[str], start: bool = False):
     return preflight(cfg, derived, main_rank=True, overrides=overrides)
 
 
-def _torchrun_child_setup() -> None:  # runs in the child between fork and exec
-    from mod_train.distributed.parent_death import die_with_parent
-
-    # SIGTERM: torchrun's graceful path (it stops the ranks, which checkpoint at the end of the step).
-    die_with_parent(signal.SIGTERM)
-
-
 def launch(nproc: int, overrides: Sequence[str], env: Optional[dict] = None, check: bool = True) -> int:
     lock = check_config(nproc, overrides, start=True) if check else None
     run_env = dict(os.environ if env is None else env)
@@ -75,8 +69,10 @@ def launch(nproc: int, overrides: Sequence[str], env: Optional[dict] = None, che
     try:
         for sig in FORWARDED_SIGNALS:
             previous[sig] = signal.signal(sig, forward)
+        # torchrun gets SIGTERM if mod-launch dies (its graceful path: it stops the ranks, which
+        # checkpoint at the end of the step); the ranks get SIGKILL if torchrun dies.
         child = subprocess.Popen(torchrun_command(nproc, overrides), env=run_env,
-                                 preexec_fn=_torchrun_child_setup)
+                                 preexec_fn=parent_death_preexec(signal.SIGTERM))
         while True:
             try:
                 return child.wait()

@@ -12,6 +12,7 @@ import ctypes
 import os
 import signal
 import sys
+from typing import Callable
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -30,6 +31,22 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     if os.getppid() == 1:  # the parent died before prctl took effect
         os.kill(os.getpid(), int(sig))
     return True
+
+
+def parent_death_preexec(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets ``sig`` when this process exits.
+
+    libc is loaded here, in the parent: between fork and exec the child only calls prctl (no
+    import, no dlopen, which could deadlock on a lock held by another thread of the parent).
+    """
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def setup() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+    return setup
 
 
 def started_by_torchrun() -> bool:
