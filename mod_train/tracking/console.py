@@ -199,10 +199,11 @@ class QuietConsole:
             sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
     def _print_summary(self) -> None:
+        # On stderr, with the warnings it sums up: stdout is a program's product (mod-generate's text).
         line = self.summary()
-        if line and self._stdout is not None:
-            self._stdout.write(line + "\n")
-            self._stdout.flush()
+        if line:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
 
 
 def configure_console(log_all_ranks: bool = False, rank: Optional[int] = None,
