@@ -26,13 +26,15 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from hydra.errors import ConfigCompositionException
+    from hydra.errors import ConfigCompositionException, OverrideParseException
 
     register_configs()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             return hydra_compose(config_name="config", overrides=list(overrides))
+    except OverrideParseException as e:  # an override the grammar cannot read, e.g. `key=[`
+        raise ConfigError(f"cannot parse the override {e.override!r}: {e}") from e
     except ConfigCompositionException as e:
         # An unknown key, a wrong type or a value outside a Choice: OmegaConf's reason (allowed
         # values, full key) is in the cause; say it in one ConfigError the CLIs print cleanly.

@@ -367,6 +367,7 @@ LAUNCH_CASES = {  # mod-launch arguments before / after the run's overrides, the
     "eval_interval_0": (["--nproc", "2"], ["train.eval_interval=0"], "train.eval_interval"),
     "ambiguous_split": (["--nproc", "2"], ["data.split=0,0,100"], "data.split"),
     "unknown_model": (["--nproc", "2"], ["model=no_such_model"], "model"),
+    "unparsable_override": (["--nproc", "2"], ["model.num_layers=["], "model.num_layers=["),
     "negative_global_batch": (["--nproc", "2"], ["parallel.global_batch_size=-4"], "parallel.global_batch_size"),
 }
 
