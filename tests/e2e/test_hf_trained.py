@@ -2,7 +2,9 @@
 EP2 (2 processes), exported with ``mod-export --format hf``; the directory loads with transformers
 offline (trust_remote_code), its logits equal our causal forward (fp32, rel 1e-5), greedy
 ``generate()`` equals ``mod-generate``'s tokens, and the converted tokenizer encodes a paragraph
-of the corpus to our ids."""
+of the corpus to our ids. ``mod-eval`` on the local tasks (multiple choice, perplexity) gives the
+same scores through our LM class and through the export (lm-eval's HFLM), logged to the run's
+MLflow run."""
 
 import os
 
@@ -12,7 +14,7 @@ import torch
 pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from tests.helpers_train import run_dir_overrides, tiny_overrides, torchrun  # noqa: E402
+from tests.helpers_train import REPO, run_dir_overrides, tiny_overrides, torchrun  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +42,7 @@ def prep_data(tmp_path_factory):
     return {"tokenizer": str(d / "tok.model"), "prefix": str(d / "docs"), "docs": docs}
 
 
-def test_trained_ep2_mode_staged_exports_to_transformers(prep_data, tmp_path):
+def test_trained_ep2_mode_staged_exports_to_transformers(prep_data, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mod_train.data.tokenizer import load_tokenizer
@@ -82,3 +84,27 @@ def test_trained_ep2_mode_staged_exports_to_transformers(prep_data, tmp_path):
         got = hf.generate(torch.tensor([seq[:8]]), max_new_tokens=12, do_sample=False)[0, 8:].tolist()
     assert float((theirs - ours).abs().max() / ours.abs().max()) < 1e-5
     assert got == want
+
+    # mod-eval: both doors, same scores, in the run's MLflow run at the checkpoint's step.
+    import json
+
+    import mlflow
+
+    from mod_train.checkpoint.read import resolve_iter_dir, saved_train_state
+    from mod_train.eval import main as eval_main
+
+    tasks = [str(REPO / "tests/data/lm_eval/choice.yaml"), str(REPO / "tests/data/lm_eval/perplexity.yaml")]
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", str(run / "checkpoints"), "--tasks", *tasks, "--path", "both",
+                      "--hf-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    scores = json.loads(printed[printed.index("{\n"):])
+    assert set(scores) == {"ours", "hf"} and scores["ours"]["modtrain_choice"]["sample_len"] == 6
+    run_id = saved_train_state(resolve_iter_dir(run / "checkpoints", "latest"))["mlflow_run_id"]
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{run}/mlflow.db")
+    metrics = client.get_run(run_id).data.metrics
+    for task, metric in (("modtrain_choice", "acc"), ("modtrain_perplexity", "word_perplexity"),
+                         ("modtrain_perplexity", "bits_per_byte")):
+        ours, theirs = metrics[f"lm_eval/{task}/{metric}"], metrics[f"lm_eval_hf/{task}/{metric}"]
+        assert abs(ours - theirs) <= 1e-5 * abs(ours), (task, metric, ours, theirs)
+    assert [m.step for m in client.get_metric_history(run_id, "lm_eval/modtrain_choice/acc")] == [4]
