@@ -365,8 +365,8 @@ CLI_CASES = ["eval_interval_0", "split_no_train", "negative_global_batch", "keep
 LAUNCH_CASES = {  # mod-launch arguments before / after the run's overrides, the key named
     "nproc_0": (["--nproc", "0"], [], "--nproc"),
     "eval_interval_0": (["--nproc", "2"], ["train.eval_interval=0"], "train.eval_interval"),
-    "ambiguous_split": (["--nproc", "2"], ["data.split=0,0,100"], "data.split"),
-    "unknown_model": (["--nproc", "2"], ["model=no_such_model"], "model"),
+    "split_no_train": (["--nproc", "2"], ["data.split='0,0,100'"], "data.split"),
+    "keep_last_0": (["--nproc", "2"], ["checkpoint.keep_last=0"], "checkpoint.keep_last"),
     "unparsable_override": (["--nproc", "2"], ["model.num_layers=["], "model.num_layers=["),
     "negative_global_batch": (["--nproc", "2"], ["parallel.global_batch_size=-4"], "parallel.global_batch_size"),
 }
