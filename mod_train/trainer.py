@@ -299,6 +299,10 @@ def build_run(cfg: Config, derived: Derived, stop_signals: Optional[StopSignals]
     if m.moe.num_experts > 0:
         callbacks.append(RoutingHeatmap(engine.module, m.num_layers, expert_labels(m.moe.num_experts, noop_columns(m)),
                                         env.device, run_dir, run_logger, env.is_main))
+    if m.mod.enabled and m.mod.capacity_schedule.steps > 0:  # before the step's forward: k per phase
+        from mod_train.callbacks.capacity_schedule import CapacityScheduleCallback
+
+        callbacks.insert(0, CapacityScheduleCallback([engine.module], m.mod.capacity_schedule))
     loss_plot = LossPlot(run_dir, run_logger, env.is_main)
     callbacks.append(loss_plot)
     if cfg.train.step_timeout_s is not None:

@@ -110,6 +110,12 @@ class SpikeAction(Choice):
 
 
 @dataclass
+class CapacitySchedule:
+    steps: int = 0
+    phases: int = 4
+
+
+@dataclass
 class ModConfig:
     """Mixture-of-Depths routing (Raposo et al. 2024). Off by default: a dense model."""
 
@@ -139,6 +145,10 @@ class ModConfig:
     # causal=aux_loss: the BCE gradient reaches the router weight AND, through the router's input,
     # the residual stream. true: the BCE sees a detached input (the weight still learns from it).
     aux_loss_detach_input: bool = False
+    # Capacity schedule (a MoD twin upcycled from a dense model learns to skip gradually): the
+    # capacity of every MoD layer falls from 1.0 to its target in equal phases over the first
+    # capacity_schedule.steps steps (k static within a phase); steps=0: the target from the start.
+    capacity_schedule: CapacitySchedule = field(default_factory=CapacitySchedule)
 
 
 @dataclass

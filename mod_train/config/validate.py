@@ -230,6 +230,10 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         _require(0.0 <= m.mod.threshold_update_rate <= 1.0,
                  f"model.mod.threshold_update_rate must be in [0, 1] (0: no calibration, the causal decision is "
                  f"logit > 0), got {m.mod.threshold_update_rate}.")
+        sched = m.mod.capacity_schedule
+        _require(sched.steps >= 0 and sched.phases >= 1,
+                 f"model.mod.capacity_schedule needs steps >= 0 (0: off) and phases >= 1, got steps={sched.steps} "
+                 f"phases={sched.phases}.")
         mod_caps = caps
         if par.cp > 1:
             raise ConfigError("model.mod with parallel.cp > 1 is not supported: top-k routing needs the whole "

@@ -244,6 +244,13 @@ class MoDTransformerLayer(TransformerLayer, RoutingStatsSource):
         self.routing = "topk"
         self.router = MoDRouter(config.hidden_size, mod, config.init_method_std)
 
+    def set_capacity(self, capacity: float) -> None:
+        """Change the routed share from the next forward on (the capacity schedule calls it between
+        steps only, so k is static within a step and within a phase of the schedule)."""
+        if not 0.0 < capacity <= 1.0:
+            raise ValueError(f"MoD capacity must be in (0, 1], got {capacity}")
+        self.capacity = float(capacity)
+
     def k_for(self, seq_len: int) -> int:
         """Tokens routed in a sequence of ``seq_len`` (derived at every forward, not from the config)."""
         return routed_tokens(self.capacity, seq_len)
