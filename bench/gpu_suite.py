@@ -570,6 +570,9 @@ def part_isoflop(ctx: Context) -> None:
         parsed = result_line(out)
         res = outcome(code, out, parsed)
         res["budget_flops"] = budget
+        too_few = [line for line in out.splitlines() if "buys only" in line]
+        if code not in (0, None) and too_few:  # the time left buys too few steps to compare
+            res = {"status": "skipped", "reason": f"would overrun: {too_few[-1].strip()}", "budget_flops": budget}
         if parsed:
             res["rows"] = parsed["rows"]
         return res
