@@ -3,7 +3,9 @@
 The directory's ``config.json`` must describe the chosen ``model=`` preset (checked at preflight,
 with the differing keys named); its safetensors weights are converted to megatron-core's names and
 grouped QKV layout (``weights.llama_to_megatron``) and loaded into the model before the engine
-exists. The tokenizer of an exported directory is its ``tokenizer.json``: point
+exists. A MoD twin of the dense preset (upcycling) takes every dense weight; its routers keep their
+initialisation (with ``model.mod.capacity_schedule`` the first steps route every token). The
+tokenizer of an exported directory is its ``tokenizer.json``: point
 ``data.tokenizer_model`` at the directory. An embedding with fewer rows than our padded
 vocabulary is padded with zeros (those ids are never produced by the tokenizer).
 
@@ -74,8 +76,8 @@ def mismatches(hf: Dict[str, Any], model: Dict[str, Any]) -> List[Tuple[str, Any
     arch = (model.get("normalization"), model.get("activation"), model.get("position_embedding"))
     if arch != ("RMSNorm", "swiglu", "rope"):
         out.append(("model.normalization/activation/position_embedding", "/".join(map(str, arch)), "RMSNorm/swiglu/rope"))
-    if (model.get("mod") or {}).get("enabled") or (model.get("moe") or {}).get("num_experts"):
-        out.append(("model.mod/moe", "MoD or MoE", "dense Llama (upcycle from a dense run of this preset)"))
+    if (model.get("moe") or {}).get("num_experts"):
+        out.append(("model.moe", "MoE", "dense Llama"))
     if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
         out.append(("Llama variant", "silu, no biases", f"{hf.get('hidden_act')}, biases"))
     return out
@@ -142,6 +144,10 @@ def load_hf_into(chunks: Sequence[torch.nn.Module], init_from: str) -> Path:
     padded = model.embedding.word_embeddings.weight.size(0)
     state = megatron_state_from_hf(path, model.config, padded)
     own = {k for k, v in model.state_dict().items() if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    # Upcycling: a MoD twin of the dense model keeps its routers as built (capacity_schedule starts
+    # at 1.0, so the first steps route every token), every dense weight comes from the directory.
+    routers = {k for k in own if ".router." in k and k not in state and ".mlp." not in k}
+    own -= routers
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
     if missing or unexpected:
         raise HFImportError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")

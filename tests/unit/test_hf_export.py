@@ -109,3 +109,22 @@ def test_llama_export_import_export_round_trip_and_mismatch(megatron_tp1, tmp_pa
     _, other = build("model=tiny", "model.num_layers=2")
     with pytest.raises(IncompatibleCheckpoint, match=r"model.num_layers: ours 2, a 4.*num_query_groups: ours 4, a 2"):
         check_resume_and_init(to_plain_dict(other), tmp_path / "ck", "none", f"hf:{first}")
+
+
+def test_upcycling_a_mod_twin_from_a_dense_export(megatron_tp1, tmp_path):
+    """hf:<dense export> into the MoD twin: every dense weight loaded, routers as initialised."""
+    from mod_train.checkpoint.compatibility import check_resume_and_init
+    from mod_train.config.load import to_plain_dict
+    from mod_train.hf.import_ import load_hf_into
+
+    dense, cfg = build("model=tiny", seed=0)
+    hf_dir, _ = export_loaded_hf(loaded_of(dense, cfg), tmp_path / "dense")
+    twin, twin_cfg = build("model=tiny_mod", seed=3)
+    check_resume_and_init(to_plain_dict(twin_cfg), tmp_path / "ck", "none", f"hf:{hf_dir}")
+    routers = {k: v.clone() for k, v in twin.state_dict().items() if ".router." in k}
+    load_hf_into([twin], f"hf:{hf_dir}")
+    got = twin.state_dict()
+    for name, value in dense.state_dict().items():
+        if torch.is_tensor(value) and not name.endswith("_extra_state"):
+            assert torch.equal(got[name], value), name
+    assert routers and all(torch.equal(got[k], v) for k, v in routers.items())
