@@ -43,7 +43,6 @@ def close(a, b):
 
 
 CASES = [
-    ("model=tiny", HFTarget.llama),
     ("model=tiny model.num_query_groups=2 model.tie_embeddings=true", HFTarget.llama),
     ("model=tiny_moe model.moe.every=1 model.moe.offset=0", HFTarget.mixtral),
     ("model=tiny_moe model.moe.top_k=1 model.moe.shared_expert_ffn_hidden_size=32", HFTarget.mod_train),
