@@ -159,7 +159,8 @@ from data_prep.tokenize_corpus import main
 try:
     rc = main(sys.argv[1:])
 finally:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, not RUSAGE_SELF: the latter keeps the bench's own peak from before the exec.
+    own = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(f"RSS_KB {own} {workers}")
 sys.exit(rc)
