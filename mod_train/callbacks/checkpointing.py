@@ -29,6 +29,7 @@ class Checkpointing:
         return self.enabled and (step % self.interval == 0 or step == self.max_steps or stopping)
 
     def save(self, state: TrainState) -> Path:
+        refuse_nonfinite_weights(self.engine, state.step, self.checkpointer.dir.root)
         state.mlflow_run_id = self.run_id()  # known late if the tracking server was down at start
         self.flops.charge(state)  # the saved total covers every step up to this one
         with reporting_disk_full(self.checkpointer.dir.root):  # ENOSPC: "disk full", the path and the bytes
@@ -36,3 +37,31 @@ class Checkpointing:
 
     def restore_last(self, current: TrainState) -> Optional[TrainState]:
         return roll_back(self.checkpointer, self.engine, current) if self.enabled else None
+
+
+def refuse_nonfinite_weights(engine, step: int, root: Path) -> None:
+    """Raise before anything is written when any rank's weights hold a NaN/Inf: such a checkpoint
+    must never become ``latest`` (the trainer skips non-finite updates, so this only fires when
+    something bypassed that, e.g. train.skip_nonfinite=false or a damaged resume). All ranks agree
+    (MIN all-reduce), so none of them enters the save's collectives alone. Cost: one isfinite pass
+    over the local parameters (bench/checkpoint_checksum.py)."""
+    import torch
+    import torch.distributed as dist
+
+    bad = next((name for name, p in engine.module.named_parameters()
+                if p.numel() and not bool(torch.isfinite(p.detach()).all())), None)
+    flag = torch.tensor([0 if bad else 1], dtype=torch.int32,
+                        device=next(engine.module.parameters()).device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if int(flag.item()) == 0:
+        where = f" ({bad} on this rank)" if bad else " (on another rank)"
+        raise NonFiniteWeightsError(
+            f"refusing to save the checkpoint of step {step}: the weights are not finite{where}. The latest "
+            f"checkpoint under {root} is left as it was; resume from it with checkpoint.resume=auto "
+            f"(keep train.skip_nonfinite=true, lower optim.lr).")
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """A save refused because a weight is NaN or Inf."""
+

@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Tuple, Union
 
+from mod_train.checkpoint import integrity
+
 log = logging.getLogger(__name__)
 
 COMPLETE_FILE = "complete.json"
@@ -77,6 +79,18 @@ def _is_complete(ckpt_dir: Path, step: int) -> bool:
     except (OSError, ValueError):
         return False
     return data.get("step") == step
+
+
+def _is_usable(ckpt_dir: Path, step: int) -> bool:
+    """Complete and not marked bad by a failed verification (integrity.py)."""
+    return _is_complete(ckpt_dir, step) and integrity.bad_reason(ckpt_dir) is None
+
+
+def _has_manifest(ckpt_dir: Path) -> bool:
+    try:
+        return integrity.has_manifest(read_metadata(ckpt_dir))
+    except (OSError, ValueError):
+        return False
 
 
 def _fsync_path(path: Path) -> None:
@@ -171,6 +185,9 @@ class CheckpointDir:
             "committed_at": datetime.fromtimestamp(now, timezone.utc).isoformat(),
             "committed_at_unix": now,
         }
+        # Every file's size and checksum, read back once after all ranks wrote (the caller's
+        # barrier), so a later verify() compares against exactly the bytes being published.
+        record.update(integrity.manifest(staging))
         # Serialize before touching the disk: unserializable metadata must not half-commit.
         text = json.dumps(record, indent=2, sort_keys=True) + "\n"
 
@@ -195,6 +212,12 @@ class CheckpointDir:
         # find_latest (see _candidates) until the new one is in place.
         final, aside = self.final_dir(step), self._replaced_dir(step)
         if not final.exists():
+            return
+        if integrity.bad_reason(final) is not None:
+            # A checkpoint that failed verification is evidence: keep it under a name no lookup
+            # or prune matches, instead of deleting it with the aside copy.
+            os.rename(final, self.root / f"bad_{final.name}_{int(time.time())}")
+            _fsync_path(self.root)
             return
         if aside.exists():
             # Leftover of an earlier interrupted re-save: keep whichever copy is complete.
@@ -221,8 +244,12 @@ class CheckpointDir:
         """
         if keep_last <= 0:
             return []
-        complete = self.list_complete()
+        complete = self.list_complete()  # checkpoints marked bad are not listed: never pruned
         keep = {p for _, p in complete[-keep_last:]}
+        # Never prune the newest checkpoint with checksums while every kept one is unverified.
+        verified = [p for _, p in complete if _has_manifest(p)]
+        if verified and not any(_has_manifest(p) for p in keep):
+            keep.add(verified[-1])
         latest = self._read_latest()
         if latest is not None:
             keep.add(latest[1])
@@ -286,7 +313,7 @@ class CheckpointDir:
             name = entry.name
             is_aside = name.startswith(_REPLACED_PREFIX)
             step = _parse_iter_name(name[len(_REPLACED_PREFIX):] if is_aside else name)
-            if step is None or not entry.is_dir() or not _is_complete(entry, step):
+            if step is None or not entry.is_dir() or not _is_usable(entry, step):
                 continue
             if step not in found or not is_aside:
                 found[step] = entry
@@ -305,10 +332,10 @@ class CheckpointDir:
         if step is None:
             return None
         path = self.root / name
-        if _is_complete(path, step):
+        if _is_usable(path, step):
             return step, path
         aside = self._replaced_dir(step)  # crash in the middle of re-saving that step
-        if _is_complete(aside, step):
+        if _is_usable(aside, step):
             return step, aside
         return None
 
@@ -330,7 +357,35 @@ class CheckpointDir:
             )
         return complete[-1] if complete else None
 
-    def resolve_resume(self, resume: Optional[str]) -> Optional[Path]:
+    def find_latest_verified(self) -> Optional[Tuple[int, Path]]:
+        """``find_latest``, after checking every file's size and checksum: a checkpoint that fails
+        is marked bad (kept, named in a warning) and the next newest is tried. Rank 0 only (it
+        writes the marker); a checkpoint without checksums is returned with a one-line warning."""
+        while True:
+            found = self.find_latest()
+            if found is None:
+                return None
+            verdict = self.verify(found[1])
+            if verdict.usable:
+                return found
+            log.warning("checkpoint %s is damaged: %s; marked bad (%s), falling back to the previous one",
+                        found[1], verdict.problem, integrity.BAD_MARKER)
+
+    def verify(self, ckpt_dir: Path) -> integrity.Verdict:
+        """Verify ``ckpt_dir`` against its complete.json; mark it bad (never delete it) on a mismatch."""
+        try:
+            record = read_metadata(ckpt_dir)
+        except (OSError, ValueError) as e:
+            verdict = integrity.Verdict(integrity.Status.BAD, f"{Path(ckpt_dir) / COMPLETE_FILE} is unreadable: {e}")
+        else:
+            verdict = integrity.verify(ckpt_dir, record)
+        if verdict.status is integrity.Status.BAD:
+            integrity.mark_bad(ckpt_dir, verdict.problem or "damaged")
+        elif verdict.status is integrity.Status.UNVERIFIED:
+            log.warning("checkpoint %s has no checksums (written before they existed): loaded unverified", ckpt_dir)
+        return verdict
+
+    def resolve_resume(self, resume: Optional[str], verify: bool = False) -> Optional[Path]:
         """The checkpoint directory to load for ``checkpoint.resume``.
 
         ``"auto"``: the latest complete checkpoint, or None if there is none. ``"none"`` (or
@@ -344,7 +399,7 @@ class CheckpointDir:
         if key.lower() == "none":
             return None
         if key.lower() == "auto":
-            found = self.find_latest()
+            found = self.find_latest_verified() if verify else self.find_latest()
             return found[1] if found else None
         if not key:
             raise ValueError(
@@ -355,6 +410,9 @@ class CheckpointDir:
         if not path.exists() and not path.is_absolute() and (self.root / path).exists():
             path = self.root / path
         problem = self._problem_with(path)
+        if problem is None and verify:
+            verdict = self.verify(path)
+            problem = None if verdict.usable else f"is damaged: {verdict.problem} (marked bad)"
         if problem is None:
             return path
         raise ValueError(
@@ -379,6 +437,9 @@ class CheckpointDir:
             read_metadata(path)
         except (OSError, ValueError) as e:
             return f"has an unreadable {COMPLETE_FILE} ({e})"
+        reason = integrity.bad_reason(path)
+        if reason is not None:
+            return f"was marked bad by a failed verification ({reason}; {path / integrity.BAD_MARKER})"
         return None
 
     def _available_text(self, path: Optional[Path] = None) -> str:

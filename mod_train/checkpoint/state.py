@@ -113,7 +113,22 @@ class Checkpointer:
         model_io.save_optimizer(engine, chunks, staging / OPTIM_DIR)
 
     def resolve(self, resume: str) -> Optional[Path]:
-        return self.dir.resolve_resume(resume)
+        """The checkpoint to load, verified: rank 0 checks every file's size and checksum (marking a
+        damaged checkpoint bad and falling back to the newest good one for ``auto``) and sends its
+        verdict to all ranks, so every rank loads the same directory or all raise the same error."""
+        import torch.distributed as dist
+
+        answer: list = [None, None]
+        if self.rank == 0:
+            try:
+                answer[0] = self.dir.resolve_resume(resume, verify=True)
+            except ValueError as e:
+                answer[1] = str(e)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(answer, src=0)
+        if answer[1] is not None:
+            raise ValueError(answer[1])
+        return None if answer[0] is None else Path(answer[0])
 
     def saved_layout(self, path: Path) -> Optional[dict]:
         """The layout recorded in ``path``'s complete.json (None for checkpoints that predate it)."""
