@@ -303,6 +303,12 @@ def build_run(cfg: Config, derived: Derived, stop_signals: Optional[StopSignals]
         from mod_train.callbacks.capacity_schedule import CapacityScheduleCallback
 
         callbacks.insert(0, CapacityScheduleCallback([engine.module], m.mod.capacity_schedule))
+    if cfg.eval.lm_eval.interval > 0 and cfg.eval.lm_eval.tasks:  # lm-evaluation-harness on rank 0
+        from mod_train.callbacks.lm_eval import LmEvalCallback
+
+        lm = cfg.eval.lm_eval
+        callbacks.append(LmEvalCallback(engine.module, cfg.data.tokenizer_model, m.seq_length, lm.tasks,
+                                        lm.interval, lm.limit, run_logger, env.is_main))
     loss_plot = LossPlot(run_dir, run_logger, env.is_main)
     callbacks.append(loss_plot)
     if cfg.train.step_timeout_s is not None:

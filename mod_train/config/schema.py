@@ -388,6 +388,21 @@ class SlurmConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    # lm-evaluation-harness during training (extra `hf`): task names or local task YAML files, run
+    # on rank 0 after every `interval`-th step (all ranks wait; TP=PP=EP=1, rank 0 holds the whole
+    # model), scored with the causal forward; logged as lm_eval/<task>/<metric>. interval=0: off.
+    tasks: List[str] = field(default_factory=list)
+    interval: int = 0
+    limit: Optional[int] = None  # at most N documents per task
+
+
+@dataclass
+class EvalConfig:
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -397,6 +412,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register_configs() -> None:

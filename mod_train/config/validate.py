@@ -122,6 +122,12 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
     _require(par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {par.zero_stage}.")
     out_of_range = check_ranges(cfg, world_size)  # one value at a time (ranges.py)
     _require(out_of_range is None, out_of_range or "")
+    lm = cfg.eval.lm_eval
+    if lm.interval > 0 and lm.tasks:
+        _require(par.tp == 1 and par.pp == 1 and par.ep == 1,
+                 f"eval.lm_eval runs on rank 0, which must hold the whole model: parallel.tp/pp/ep = 1, got "
+                 f"tp={par.tp} pp={par.pp} ep={par.ep}. Evaluate checkpoints with mod-eval instead.")
+    _require(lm.interval >= 0, f"eval.lm_eval.interval must be >= 0 (0: off), got {lm.interval}.")
 
     # megatron-core implements context parallelism inside Transformer Engine's attention only, and
     # the batch must be split per CP rank (load-balanced chunks): neither is wired in yet.
