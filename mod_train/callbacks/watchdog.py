@@ -23,8 +23,8 @@ from typing import Callable, Optional
 
 from mod_train.callbacks.base import Callback
 from mod_train.checkpoint.state import TrainState
+from mod_train.engine.signals import WATCHDOG_EXIT_CODE
 
-WATCHDOG_EXIT_CODE = 86
 WATCHDOG_DIR = "watchdog"
 
 

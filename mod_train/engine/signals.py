@@ -9,6 +9,8 @@ from typing import Dict, Optional
 
 # Exit code of an invocation stopped by a signal (a pre-empted job) after its checkpoint was saved.
 PREEMPTED_EXIT_CODE = 124
+# Exit code of a rank the step watchdog ended (callbacks/watchdog.py): a hung job, to be requeued.
+WATCHDOG_EXIT_CODE = 86
 STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from mod_train.callbacks.base import Callback, Callbacks
-from mod_train.callbacks.watchdog import WATCHDOG_EXIT_CODE, StepWatchdog
+from mod_train.callbacks.watchdog import StepWatchdog
+from mod_train.engine.signals import WATCHDOG_EXIT_CODE
 from mod_train.checkpoint.state import TrainState
 from mod_train.config.schema import InjectConfig, SpikeAction
 from mod_train.engine.faults import FaultInjector
