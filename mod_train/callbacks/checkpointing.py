@@ -48,8 +48,11 @@ def refuse_nonfinite_weights(engine, step: int, root: Path) -> None:
     import torch
     import torch.distributed as dist
 
+    # The sum is one cheap pass (a NaN/Inf anywhere makes it non-finite); only a non-finite sum
+    # pays for the elementwise check, which rules out an overflow of large but finite weights.
     bad = next((name for name, p in engine.module.named_parameters()
-                if p.numel() and not bool(torch.isfinite(p.detach()).all())), None)
+                if p.numel() and not bool(torch.isfinite(p.detach().float().sum()))
+                and not bool(torch.isfinite(p.detach()).all())), None)
     flag = torch.tensor([0 if bad else 1], dtype=torch.int32,
                         device=next(engine.module.parameters()).device)
     if dist.is_initialized() and dist.get_world_size() > 1:
