@@ -13,6 +13,11 @@ CASES = {
     "zero3": ["parallel.zero_stage=3"],
     "mod_zero1": ["model=tiny_mod", "model.num_layers=2", "model.hidden_size=32", "model.seq_length=32",
                   "model.mod.capacity=0.25", "parallel.zero_stage=1", "train.eval_interval=10", "train.eval_iters=1"],
+    # Upcycling's capacity schedule (1.0 -> 0.25 in 4 phases over 16 steps) continues across the stop.
+    "mod_schedule": ["model=tiny_mod", "model.num_layers=2", "model.hidden_size=32", "model.seq_length=32",
+                     "model.mod.capacity=0.25", "parallel.zero_stage=1", "train.eval_interval=10",
+                     "train.eval_iters=1", "model.mod.capacity_schedule.steps=16",
+                     "model.mod.capacity_schedule.phases=4"],
 }
 
 
