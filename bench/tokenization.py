@@ -229,6 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--train-mb", type=float, default=10.0, help="corpus slice the tokenizers are trained on")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--only", nargs="+", default=None, choices=("sentencepiece", "hf-bpe", "converted"),
+                   help="measure only these tokenizers (converted: the sentencepiece model as tokenizer.json)")
     p.add_argument("--baseline-script", type=Path, default=None,
                    help="an older tokenize_corpus.py run the same way with the sentencepiece model, e.g. from "
                         "`git show 200d328:data_prep/tokenize_corpus.py` (imports torch and megatron-core)")
@@ -268,6 +270,10 @@ def main(argv=None) -> int:
     except DataPrepError as e:
         print(f"the sentencepiece model does not convert: {e}")
 
+    if a.only:
+        keep = {"converted": "sentencepiece as tokenizer.json"}
+        wanted = {keep.get(k, k) for k in a.only}
+        tokenizers = {k: v for k, v in tokenizers.items() if k in wanted}
     # Limits on an evenly spread quarter of the documents, measured before and after the end-to-end
     # runs; the faster of the two counts (the cores are shared: the better figure is the machine's).
     docs = _load_docs(a.corpus)
@@ -293,7 +299,8 @@ def main(argv=None) -> int:
         runs = runs_by[name]
         identical = len({r.digest for r in runs}) == 1
         if name == "sentencepiece as tokenizer.json":  # the same ids as the model on the whole corpus?
-            identical = identical and runs[0].digest == runs_by["sentencepiece"][0].digest
+            identical = identical and ("sentencepiece" not in runs_by
+                                       or runs[0].digest == runs_by["sentencepiece"][0].digest)
         rows.append((name, limits, limit_1, runs, identical))
         print(f"{name}: limit {limit_1:.2f} MB/s/core (before {limits_before[name]}, after {limits_after[name]}); "
               f"identical outputs: {identical}")
