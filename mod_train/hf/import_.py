@@ -181,6 +181,10 @@ def main(argv=None) -> int:
     from mod_train.config.load import to_plain_dict
 
     check_hf_init(init_from, to_plain_dict(cfg))
+    if cfg.model.vocab_size is None:  # the run's tokenizer, else the directory's tokenizer.json
+        from mod_train.config.validate import tokenizer_vocab_size
+
+        cfg.model.vocab_size = tokenizer_vocab_size(cfg.data.tokenizer_model or a.hf_dir)
     with world_of_one():
         derived = validate(cfg, world_size=1, check_files=False, has_cuda=torch.cuda.is_available())
         chunks = build_model_chunks(cfg, derived)

@@ -127,3 +127,18 @@ def test_upcycling_a_mod_twin_from_a_dense_export(megatron_tp1, tmp_path):
         if torch.is_tensor(value) and not name.endswith("_extra_state"):
             assert torch.equal(got[name], value), name
     assert routers and all(torch.equal(got[k], v) for k, v in routers.items())
+
+
+def test_import_cli_writes_a_layout_free_model_dir(megatron_tp1, tmp_path):
+    """python -m mod_train.hf.import_: an HF Llama dir -> a model dir that init_from loads under any layout."""
+    from mod_train.checkpoint.read import load_weights_from
+    from mod_train.hf.import_ import main as import_main
+
+    model, cfg = build("model=tiny", seed=0)
+    hf_dir, _ = export_loaded_hf(loaded_of(model, cfg), tmp_path / "hf")
+    assert import_main([str(hf_dir), str(tmp_path / "model"), "model=tiny", f"model.vocab_size={V}"]) == 0
+    fresh, _ = build("model=tiny", seed=7)
+    load_weights_from([fresh], tmp_path / "model")
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        if torch.is_tensor(a) and not name.endswith("_extra_state"):
+            assert torch.equal(a, b), name
