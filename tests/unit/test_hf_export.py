@@ -47,6 +47,8 @@ CASES = [
     ("model=tiny_moe model.moe.every=1 model.moe.offset=0", HFTarget.mixtral),
     ("model=tiny_moe model.moe.top_k=1 model.moe.shared_expert_ffn_hidden_size=32", HFTarget.mod_train),
     ("model=tiny_mod", HFTarget.mod_train),
+    ("model=tiny model.normalization=LayerNorm model.activation=gelu model.position_embedding=learned_absolute",
+     HFTarget.mod_train),
     ("model=tiny_mod model.mod.causal=predictor model.num_query_groups=2", HFTarget.mod_train),
     ("model=tiny_mode_staged", HFTarget.mod_train),
     ("model=tiny_mode_integrated", HFTarget.mod_train),
