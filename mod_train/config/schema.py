@@ -168,6 +168,10 @@ class MoEConfig:
     shared_expert_ffn_hidden_size: Optional[int] = None
     # MoDE variants (MoD paper §3.5): "none" | "staged" | "integrated"
     mode: MoDEMode = MoDEMode.none
+    # Integrated MoDE: no-op columns in the router besides the experts. None: top_k, so that a
+    # token can send all its top_k slots to no-ops and skip the MLP entirely (one column cannot:
+    # top-k picks distinct columns).
+    num_noop_experts: Optional[int] = None
 
 
 @dataclass
@@ -176,10 +180,6 @@ class ModelConfig:
     num_layers: int = 4
     hidden_size: int = 64
     num_attention_heads: int = 4
-    # Integrated MoDE: no-op columns in the router besides the experts. None: top_k, so that a
-    # token can send all its top_k slots to no-ops and skip the MLP entirely (one column cannot:
-    # top-k picks distinct columns).
-    num_noop_experts: Optional[int] = None
     num_query_groups: Optional[int] = None  # None: multi-head attention (= heads)
     ffn_hidden_size: Optional[int] = None  # None: 4 x hidden (gelu) or 8/3 x hidden rounded (swiglu)
     seq_length: int = 64
