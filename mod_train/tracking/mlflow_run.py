@@ -5,8 +5,12 @@ lets any tracking-server failure raise into the training loop. Here every MLflow
 through one guarded path (``_sync``): everything logged is queued first, then sent; a failure
 logs one warning per outage and keeps the queue (metrics keep their original step and
 timestamp), and the queue is re-sent with ``MlflowClient.log_batch`` once the server answers
-again (tried at most every ``retry_interval_s``, and always by ``flush``/``end``). If the server
-is down at ``start()``, creating (or resuming) the run is deferred the same way.
+again. During an outage a background thread retries with backoff (1 s doubling up to
+``retry_interval_s``), so a server that comes back mid-run gets the buffered metrics while the
+job is still training, not only at ``flush``/``end``; the training thread then only queues
+(metric values go through a lock-free inbox, so a step never waits on a request). If the server
+is down at ``start()``, creating (or resuming) the run is deferred the same way; ``on_run_id`` is
+called with the id as soon as the run exists (the run logger records it in the run directory).
 
 Only rank 0 tracks: other ranks pass ``enabled=False``, which makes every method a no-op and
 never imports mlflow.
@@ -29,11 +33,12 @@ import logging
 import os
 import posixpath
 import re
+import threading
 import time
 from collections import deque
 from itertools import islice
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,8 @@ DEFAULT_REQUEST_TIMEOUT_S = 5
 DEFAULT_MAX_RETRIES = 0
 DEFAULT_RETRY_INTERVAL_S = 30.0
 DEFAULT_MAX_BUFFERED_METRICS = 200_000
+FIRST_RETRY_DELAY_S = 1.0  # the background retry's first wait; doubled up to retry_interval_s
+MIN_RETRY_DELAY_S = 0.1  # even with retry_interval_s=0 the retry thread does not spin
 
 # MLflow's limits (mlflow.utils.validation), copied so a disabled tracker never imports mlflow;
 # mod-mlflow-sync batches by them too.
@@ -124,7 +131,8 @@ class MlflowTracker:
                  local_dir: Optional[Union[str, os.PathLike]] = None,
                  request_timeout_s: Optional[int] = None, max_retries: Optional[int] = None,
                  retry_interval_s: float = DEFAULT_RETRY_INTERVAL_S,
-                 max_buffered_metrics: int = DEFAULT_MAX_BUFFERED_METRICS) -> None:
+                 max_buffered_metrics: int = DEFAULT_MAX_BUFFERED_METRICS,
+                 on_run_id: Optional[Callable[[str], None]] = None) -> None:
         self.enabled = enabled
         self.tracking_uri = tracking_uri or default_tracking_uri(local_dir)
         self.experiment = experiment
@@ -152,6 +160,13 @@ class MlflowTracker:
         self._pending_metrics: Deque[Tuple[str, float, int, int]] = deque()  # key, value, ms, step
         self._pending_artifacts: List[Tuple[str, Optional[str]]] = []
         self._warned: Set[str] = set()
+        # Metric values logged by the training thread, moved into _pending_metrics under _lock by
+        # whoever sends next (deque append/popleft are atomic: logging never takes the lock).
+        self._inbox: Deque[Tuple[str, float, int, int]] = deque()
+        self._lock = threading.RLock()  # one sender at a time: training thread or the retry thread
+        self._retry_thread: Optional[threading.Thread] = None
+        self._stop_retry = threading.Event()
+        self._on_run_id = on_run_id
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -163,7 +178,7 @@ class MlflowTracker:
     @property
     def pending_metrics(self) -> int:
         """Number of metric values logged but not yet delivered."""
-        return len(self._pending_metrics)
+        return len(self._pending_metrics) + len(self._inbox)
 
     def start(self) -> Optional[str]:
         """Create the run, or resume ``run_id`` (status back to RUNNING); returns its id.
@@ -187,6 +202,11 @@ class MlflowTracker:
         """
         if not self.enabled:
             return
+        with self._lock:  # the retry thread may be sending the params dict
+            self._queue_params(params)
+        self._sync()
+
+    def _queue_params(self, params: Mapping[str, Any]) -> None:
         for key, value in params.items():
             name = self._key(key, "param")
             if name is None:
@@ -201,7 +221,6 @@ class MlflowTracker:
                 self._pending_params[name] = text
             elif known != text:
                 self._warn_changed_param(name, known, text)
-        self._sync()
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log numeric metrics for ``step``, timestamped now; None values are skipped."""
@@ -218,25 +237,26 @@ class MlflowTracker:
                 self._warn_once(f"nan:{name}", "metric %r has non-numeric value %r; not logged",
                                 key, value)
                 continue
-            self._pending_metrics.append((name, number, now_ms, int(step)))
-        self._bound_buffer()
+            self._inbox.append((name, number, now_ms, int(step)))
         self._sync()
 
     def log_artifact(self, path: Union[str, os.PathLike], artifact_path: Optional[str] = None) -> None:
         """Upload a file or directory (read when it is sent: keep it until ``end``)."""
         if not self.enabled:
             return
-        self._pending_artifacts.append((str(path), artifact_path))
+        with self._lock:
+            self._pending_artifacts.append((str(path), artifact_path))
         self._sync()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (overwritable, unlike params); values cut to 8000 chars."""
         if not self.enabled:
             return
-        for key, value in tags.items():
-            name = self._key(key, "tag")
-            if name is not None:
-                self._pending_tags[name] = str(value)[:MAX_TAG_VAL_LENGTH]
+        with self._lock:
+            for key, value in tags.items():
+                name = self._key(key, "tag")
+                if name is not None:
+                    self._pending_tags[name] = str(value)[:MAX_TAG_VAL_LENGTH]
         self._sync()
 
     def flush(self) -> bool:
@@ -257,6 +277,7 @@ class MlflowTracker:
             raise ValueError(f"status must be one of {_RUN_STATUSES}, got {status!r}")
         if not self.enabled or self._ended:
             return True
+        self._stop_retry.set()
         delivered = self.flush() if self._started else not self._has_pending()
         if delivered and self._run_ready:
             try:
@@ -277,21 +298,51 @@ class MlflowTracker:
     # ---- the guarded path ----------------------------------------------------------------
 
     def _sync(self, force: bool = False) -> bool:
-        """Ensure the run exists and send the queue; True on success. Never raises."""
+        """Ensure the run exists and send the queue; True on success. Never raises.
+
+        Unforced calls (the training thread logging) never wait for the lock: while the retry
+        thread sends, the values stay queued; in an outage they try at most every
+        ``retry_interval_s`` (the retry thread tries in between)."""
         if not self._started:
             return False  # queued until start()
         now = time.monotonic()
         if self._down_since is not None and not force and now - self._last_attempt < self._retry_interval_s:
             return False  # in an outage: don't pay a timeout on every call
-        self._last_attempt = now
-        try:
-            self._ensure_run()
-            self._send_pending()
-        except Exception as e:  # noqa: BLE001 - tracking must never stop the job
-            self._mark_down(e)
+        if not self._lock.acquire(blocking=force):
             return False
-        self._mark_up()
-        return True
+        try:
+            self._last_attempt = time.monotonic()
+            self._drain_inbox()
+            try:
+                self._ensure_run()
+                self._send_pending()
+            except Exception as e:  # noqa: BLE001 - tracking must never stop the job
+                self._mark_down(e)
+                return False
+            self._mark_up()
+            return True
+        finally:
+            self._lock.release()
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            self._pending_metrics.append(self._inbox.popleft())
+        self._bound_buffer()
+
+    def _retry_in_background(self) -> None:
+        """The retry thread: resend with backoff until everything is delivered or ``end()``."""
+        longest = max(self._retry_interval_s, MIN_RETRY_DELAY_S)
+        delay = min(FIRST_RETRY_DELAY_S, longest)
+        while not self._stop_retry.wait(delay):
+            if self._sync(force=True) and not self._has_pending():
+                return
+            delay = min(delay * 2, longest)
+
+    def _start_retry_thread(self) -> None:
+        if self._stop_retry.is_set() or (self._retry_thread is not None and self._retry_thread.is_alive()):
+            return
+        self._retry_thread = threading.Thread(target=self._retry_in_background, name="mlflow-retry", daemon=True)
+        self._retry_thread.start()
 
     def _mark_down(self, exc: BaseException) -> None:
         if self._down_since is None:
@@ -303,6 +354,7 @@ class MlflowTracker:
             )
         else:
             log.debug("MLflow still unreachable: %s", _short(exc))
+        self._start_retry_thread()
 
     def _mark_up(self) -> None:
         if self._down_since is not None:
@@ -359,6 +411,11 @@ class MlflowTracker:
             self._run_id = run.info.run_id
             self._remote_params = {}
         self._run_ready = True
+        if self._on_run_id is not None:
+            try:
+                self._on_run_id(self._run_id)
+            except OSError as e:  # recording it must not stop tracking
+                log.warning("could not record the MLflow run id %s: %s", self._run_id, e)
 
     def _send(self, what: str, call: Any) -> None:
         """Run one MLflow call; drop (with a warning) what the store rejects for good."""
@@ -419,7 +476,7 @@ class MlflowTracker:
     # ---- small helpers -------------------------------------------------------------------
 
     def _has_pending(self) -> bool:
-        return bool(self._pending_params or self._pending_tags or self._pending_metrics
+        return bool(self._pending_params or self._pending_tags or self._pending_metrics or self._inbox
                     or self._pending_artifacts or (self._started and not self._run_ready))
 
     def _bound_buffer(self) -> None:

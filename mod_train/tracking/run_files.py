@@ -12,6 +12,14 @@ LOSS_PLOT = "loss_vs_flops.png"  # tracking/plots.py: plot_loss_vs_flops
 ROUTING_DIR = "routing"  # MoE routing heatmaps, one per checkpoint (also the MLflow artifact folder)
 TENSORBOARD_DIR = "tensorboard"  # event files of the optional TensorBoard sink
 
+# The MLflow run of this run directory, written as soon as the run exists (before any checkpoint),
+# so a relaunch after a kill at any point continues the same run.
+MLFLOW_RUN_ID_FILE = "mlflow_run_id"
+# Written when the job ended but could not deliver everything to MLflow (or set the final status):
+# {"run_id", "status", "tracking_uri", "pending_metrics"}; mod-mlflow-sync finishes the run and
+# removes it.
+MLFLOW_UNFINISHED_FILE = "mlflow_unfinished.json"
+
 # The MLflow tag holding the absolute run directory: how mod-mlflow-sync finds the run.
 RUN_DIR_TAG = "run_dir"
 

@@ -21,6 +21,7 @@ from mod_train.config.schema import TrackingConfig
 from mod_train.tracking.flatten import run_params
 from mod_train.tracking.mlflow_run import MlflowTracker
 from mod_train.tracking.run_files import METRICS_FILE, RESOLVED_CONFIG, RUN_DIR_TAG, TENSORBOARD_DIR
+from mod_train.tracking.run_record import read_run_id, record_run_id
 from mod_train.tracking.sinks import ConsoleSink, JsonlSink, MlflowSink, Sink, TensorBoardSink, check_tensorboard
 
 PathLike = Union[str, os.PathLike]
@@ -74,9 +75,13 @@ def open_run_logger(tracking: TrackingConfig, run_dir: PathLike, *, is_main: boo
     if not is_main:
         return RunLogger([], run_id=run_id)
     run_dir = Path(run_dir)
+    # One MLflow run per run directory, whatever the kill point: the id recorded in the run
+    # directory (written as soon as the run exists) wins over the checkpoint's, which a kill
+    # before the first save never wrote.
+    run_id = read_run_id(run_dir) or run_id
     tracker = MlflowTracker(tracking_uri=tracking.tracking_uri, experiment=tracking.experiment,
                             run_name=tracking.run_name or run_dir.name, run_id=run_id,
-                            enabled=tracking.enabled)
+                            enabled=tracking.enabled, on_run_id=lambda rid: record_run_id(run_dir, rid))
     tracker.start()
     params, invocation_tags = run_params(config)
     tracker.log_params(params)
@@ -89,7 +94,7 @@ def open_run_logger(tracking: TrackingConfig, run_dir: PathLike, *, is_main: boo
     tracker.log_artifact(str(resolved))
 
     sinks: List[Sink] = [ConsoleSink(max_steps, write=_print_flushed), JsonlSink(run_dir / METRICS_FILE),
-                         MlflowSink(tracker)]
+                         MlflowSink(tracker, run_dir)]
     if tracking.tensorboard:
         sinks.append(TensorBoardSink(run_dir / TENSORBOARD_DIR, first_step=first_step))
     return RunLogger(sinks, run_id=run_id)

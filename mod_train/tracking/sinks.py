@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 from mod_train.tracking.log_line import format_log_line
 from mod_train.tracking.metrics_jsonl import MetricsJsonl
 from mod_train.tracking.mlflow_run import MlflowTracker
+from mod_train.tracking.run_record import clear_unfinished, mark_unfinished
 
 PathLike = Union[str, os.PathLike]
 
@@ -64,10 +65,14 @@ class JsonlSink(Sink):
 
 
 class MlflowSink(Sink):
-    """The run's MLflow run through ``MlflowTracker`` (buffered, survives a dead server)."""
+    """The run's MLflow run through ``MlflowTracker`` (buffered, survives a dead server).
 
-    def __init__(self, tracker: MlflowTracker) -> None:
+    ``run_dir``: where a job that ends during an outage leaves ``mlflow_unfinished.json`` (the run
+    id, the final status it wanted), so ``mod-mlflow-sync`` can finish the run."""
+
+    def __init__(self, tracker: MlflowTracker, run_dir: Optional[PathLike] = None) -> None:
         self.tracker = tracker
+        self.run_dir = Path(run_dir) if run_dir is not None else None
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         self.tracker.log_metrics(metrics, step=step)
@@ -78,8 +83,18 @@ class MlflowSink(Sink):
     def close(self, status: str) -> None:
         if status == "RUNNING":
             self.tracker.flush()  # stays open in MLflow; the resumed invocation continues it
+            return
+        pending = self.tracker.pending_metrics
+        delivered = self.tracker.end(status)
+        if self.run_dir is None or not self.tracker.enabled:
+            return
+        if delivered:
+            clear_unfinished(self.run_dir)
         else:
-            self.tracker.end(status)
+            path = mark_unfinished(self.run_dir, self.tracker.run_id, status, self.tracker.tracking_uri,
+                                   max(pending, self.tracker.pending_metrics))
+            print(f"mod-train: the MLflow run could not be finished (tracking server unreachable); {path} "
+                  f"records it: run `mod-mlflow-sync --run-dir {self.run_dir}` when the server is back", flush=True)
 
 
 class TensorBoardMissing(RuntimeError):

@@ -7,12 +7,15 @@ than a job (the tracker's buffer dies with the process), this puts the missing m
 the run: for every metric key, the steps the run does not have yet, with the step and the time
 they were logged at. Running it again uploads nothing (idempotent).
 
-Which run: ``--run-id``; else the one the latest checkpoint recorded; else the run tagged
+Which run: ``--run-id``; else the one recorded in ``<run_dir>/mlflow_run_id`` (written by the
+trainer as soon as the run exists); else the one the latest checkpoint recorded; else the run tagged
 ``run_dir=<absolute run dir>`` in the experiment (the trainer sets that tag); else a new run is
 created (not with ``--no-create``), with the params of ``resolved_config.yaml``.
 Also uploaded when the run lacks them: params (from resolved_config.yaml), the artifacts
 resolved_config.yaml and tokenizer.model, and loss_vs_flops.png (re-uploaded when metrics were
-added, so the plot matches them). ``--set-status FINISHED`` closes a run whose job could not.
+added, so the plot matches them). ``--set-status FINISHED`` closes a run whose job could not; a
+job that ended while the server was down left ``mlflow_unfinished.json`` with the status it
+wanted, which is then set without asking (and the file removed once the run is complete).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from mod_train.tracking.mlflow_run import (
     default_tracking_uri, ensure_experiment, mlflow_key,
 )
 from mod_train.tracking.run_files import LOSS_PLOT, METRICS_FILE, RESOLVED_CONFIG, RUN_DIR_TAG
+from mod_train.tracking.run_record import clear_unfinished, read_run_id, read_unfinished
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +169,7 @@ def sync_run(run_dir: PathLike, tracking_uri: Optional[str] = None, run_id: Opti
         if not _run_exists(client, run_id):
             raise SyncError(f"MLflow run {run_id} does not exist at {tracking_uri}")
     else:
-        candidate = _checkpoint_run_id(run_dir, config)
+        candidate = read_run_id(run_dir) or _checkpoint_run_id(run_dir, config)
         if candidate is not None and _run_exists(client, candidate):
             run_id = candidate
         else:
@@ -238,8 +242,13 @@ def sync_run(run_dir: PathLike, tracking_uri: Optional[str] = None, run_id: Opti
             client.log_artifact(run_id, str(plot))
             result.artifacts_uploaded.append(LOSS_PLOT)
 
+    unfinished = read_unfinished(run_dir)
+    if set_status is None and unfinished is not None and unfinished.get("status") in ("FINISHED", "FAILED", "KILLED"):
+        set_status = unfinished["status"]  # the status the job could not set
     if set_status is not None:
         client.set_terminated(run_id, status=set_status)
+    if unfinished is not None:
+        clear_unfinished(run_dir)
     return result
 
 
