@@ -22,8 +22,8 @@ from typing import Iterator, List, Sequence
 
 from data_prep._io import DataPrepError, expand_inputs, iter_documents, prepare_output_dir
 from data_prep.encoders import HF_CONFIG_FILE, HF_TOKENIZER_FILE
-from data_prep.train_tokenizer import (BOS_ID, BOS_PIECE, EOS_ID, EOS_PIECE, NUM_FIXED_SPECIAL, PAD_ID, PAD_PIECE,
-                                       UNK_ID, UNK_PIECE, TokenizerInfo, empty_corpus_message)
+from data_prep.tokenizer_info import (BOS_ID, BOS_PIECE, EOS_ID, EOS_PIECE, NUM_FIXED_SPECIAL, PAD_ID, PAD_PIECE,
+                                      UNK_ID, UNK_PIECE, TokenizerInfo, empty_corpus_message)
 
 _BYTE_SYMBOLS = 256
 _BATCH_DOCS = 1000

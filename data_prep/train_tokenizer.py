@@ -31,26 +31,14 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from dataclasses import asdict
+from typing import Iterator, List, Optional, Sequence
 
 from data_prep._io import DataPrepError, expand_inputs, iter_documents, prepare_output_dir
+from data_prep.tokenizer_info import (BOS_ID, BOS_PIECE, EOS_ID, EOS_PIECE, NUM_FIXED_SPECIAL, PAD_ID, PAD_PIECE,
+                                      UNK_ID, UNK_PIECE, TokenizerInfo, empty_corpus_message)
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
-NUM_FIXED_SPECIAL = 4
 MAX_SENTENCE_CHARS = 4096  # longer lines are cut into pieces of this size for training
-
-
-@dataclass
-class TokenizerInfo:
-    model_path: str
-    vocab_path: str
-    vocab_size: int
-    model_type: str
-    special_ids: Dict[str, int]
-    sentences: int  # training sentences (non-blank lines) seen
-    seconds: float
 
 
 def _sentences(documents: Iterator[str], counter: List[int], error: List[Exception]) -> Iterator[str]:
@@ -174,11 +162,6 @@ def train_tokenizer(
     return TokenizerInfo(model_path=model_path, vocab_path=vocab_path, vocab_size=sp.get_piece_size(),
                          model_type=model_type, special_ids=special, sentences=counter[0],
                          seconds=time.perf_counter() - t0)
-
-
-def empty_corpus_message(files: List[str]) -> str:
-    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    return f"empty corpus: no non-blank documents in {shown}"
 
 
 def build_parser() -> argparse.ArgumentParser:
