@@ -75,7 +75,8 @@ def mismatches(hf: Dict[str, Any], model: Dict[str, Any]) -> List[Tuple[str, Any
         out.append(("model.rotary_base", model.get("rotary_base"), _rope_theta(hf)))
     arch = (model.get("normalization"), model.get("activation"), model.get("position_embedding"))
     if arch != ("RMSNorm", "swiglu", "rope"):
-        out.append(("model.normalization/activation/position_embedding", "/".join(map(str, arch)), "RMSNorm/swiglu/rope"))
+        out.append(("model.normalization/activation/position_embedding", "/".join(map(str, arch)),
+                    "RMSNorm/swiglu/rope"))
     if (model.get("moe") or {}).get("num_experts"):
         out.append(("model.moe", "MoE", "dense Llama"))
     if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mod_train.hf.import_", description=main.__doc__)
     p.add_argument("hf_dir")
     p.add_argument("out")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides naming the model (model=tiny, data.tokenizer_model=...)")
+    p.add_argument("overrides", nargs="*",
+                   help="Hydra overrides naming the model (model=tiny, data.tokenizer_model=...)")
     a = p.parse_args(argv)
     cfg = single_process_layout(to_config(compose(list(a.overrides))))
     init_from = HF_PREFIX + a.hf_dir

@@ -22,7 +22,9 @@ def split_qkv(w: Tensor, heads: int, groups: int, head_dim: int) -> Tuple[Tensor
     per = heads // groups
     g = w.reshape(groups, per + 2, head_dim, w.size(-1))
     q = g[:, :per].reshape(heads * head_dim, -1)
-    return q.clone(), g[:, per].reshape(groups * head_dim, -1).clone(), g[:, per + 1].reshape(groups * head_dim, -1).clone()
+    k = g[:, per].reshape(groups * head_dim, -1)
+    v = g[:, per + 1].reshape(groups * head_dim, -1)
+    return q.clone(), k.clone(), v.clone()
 
 
 def join_qkv(q: Tensor, k: Tensor, v: Tensor, heads: int, groups: int, head_dim: int) -> Tensor:
@@ -54,7 +56,8 @@ def _ends(src: Dict[str, Tensor], tied: bool) -> Dict[str, Tensor]:
     return out
 
 
-def megatron_to_llama(src: Dict[str, Tensor], layers: int, heads: int, groups: int, d: int, tied: bool) -> Dict[str, Tensor]:
+def megatron_to_llama(src: Dict[str, Tensor], layers: int, heads: int, groups: int, d: int,
+                      tied: bool) -> Dict[str, Tensor]:
     out = _ends(src, tied)
     for i in range(layers):
         out.update(_attention_and_norms(src, i, heads, groups, d))
@@ -81,7 +84,8 @@ def megatron_to_mixtral(src: Dict[str, Tensor], layers: int, heads: int, groups:
     return out
 
 
-def llama_to_megatron(src: Dict[str, Tensor], layers: int, heads: int, groups: int, d: int, tied: bool) -> Dict[str, Tensor]:
+def llama_to_megatron(src: Dict[str, Tensor], layers: int, heads: int, groups: int, d: int,
+                      tied: bool) -> Dict[str, Tensor]:
     """The inverse of :func:`megatron_to_llama` (a tied model has no ``output_layer.weight``)."""
     out = {"embedding.word_embeddings.weight": src["model.embed_tokens.weight"],
            "decoder.final_layernorm.weight": src["model.norm.weight"]}

@@ -27,7 +27,7 @@ Left-padded batches are not supported (an attention mask with zeros raises).
 
 import inspect
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
