@@ -96,10 +96,10 @@ def test_trained_ep2_mode_staged_exports_to_transformers(prep_data, tmp_path, ca
     tasks = [str(REPO / "tests/data/lm_eval/choice.yaml"), str(REPO / "tests/data/lm_eval/perplexity.yaml")]
     capsys.readouterr()
     assert eval_main(["--checkpoint", str(run / "checkpoints"), "--tasks", *tasks, "--path", "both",
-                      "--hf-dir", str(out)]) == 0
+                      "--hf-dir", str(out), "--limit", "3"]) == 0
     printed = capsys.readouterr().out
     scores = json.loads(printed[printed.index("{\n"):])
-    assert set(scores) == {"ours", "hf"} and scores["ours"]["modtrain_choice"]["sample_len"] == 6
+    assert set(scores) == {"ours", "hf"} and scores["ours"]["modtrain_choice"]["sample_len"] == 3
     run_id = saved_train_state(resolve_iter_dir(run / "checkpoints", "latest"))["mlflow_run_id"]
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{run}/mlflow.db")
     metrics = client.get_run(run_id).data.metrics
