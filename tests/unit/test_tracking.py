@@ -235,6 +235,9 @@ def test_server_outages_before_and_after_start(tmp_path, http_env, caplog):
     try:
         time.sleep(0.3)
         log_steps(range(5, 10))
+        deadline = time.monotonic() + 10  # sent by the logging call or by the background retry thread
+        while time.monotonic() < deadline and (tracker.run_id is None or tracker.pending_metrics):
+            time.sleep(0.1)
         run_id = tracker.run_id
         assert run_id is not None and tracker.pending_metrics == 0
 
