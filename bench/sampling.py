@@ -14,6 +14,11 @@ tokens, so random-init figures say little about MoD's gain. Target (issue 7): Mo
 --batch 1 32 (the default) measures both batch sizes: a batch decodes its prompts together
 (``generate_batch``), each sequence routed by its own decisions.
 
+--heldout PREFIX measures, for the MoD model, the share of tokens each MoD layer's causal decision
+routes on real text (the last --heldout-seqs sequences of seq_length tokens of an indexed dataset,
+one causal forward): the share sampling runs at on text like the training data, to set against the
+capacity. Greedy continuations of random prompts (the timed part) are not such text.
+
 --uncalibrated also runs the MoD model with every causal threshold set to 0 (the decision
 ``logit > 0`` that mod-generate used before thresholds were calibrated in training), so the routed
 share and the speed before and after calibration stand side by side.
@@ -68,6 +73,43 @@ def time_generation(model, cfg, args, batch: int) -> dict:
             "mod_routed_share": routed}
 
 
+def heldout_routed_share(model, cfg, prefix: str, sequences: int) -> List[float]:
+    """Per MoD layer: share of real-text tokens its causal decision routes (full causal forward)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from mod_train.model.mod import causal_routing
+
+    seq = cfg.model.seq_length
+    data = IndexedDataset(prefix)
+    tokens: List[np.ndarray] = []
+    need = sequences * seq
+    for i in range(len(data) - 1, -1, -1):  # from the end: the documents least likely trained on
+        tokens.insert(0, data[i])
+        need -= len(data[i])
+        if need <= 0:
+            break
+    flat = np.concatenate(tokens)[-sequences * seq:].astype(np.int64)
+    batch = torch.from_numpy(flat).view(-1, seq)
+    positions = torch.arange(seq).unsqueeze(0).expand_as(batch)
+    model.eval()
+    with torch.no_grad(), causal_routing([model]) as layers:
+        shares: List[List[float]] = [[] for _ in layers]
+        def record(i, layer, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            decision = layer.router.causal_decision(layer.router.causal_logits(x, layer.router.scores(x)))
+            shares[i].append(float(decision.float().mean()))
+
+        hooks = [layer.register_forward_pre_hook(lambda mod, args, kwargs, i=i: record(i, mod, args, kwargs),
+                                                 with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            model(batch, positions, None)
+        finally:
+            for h in hooks:
+                h.remove()
+    return [sum(s) / len(s) for s in shares]
+
+
 @contextlib.contextmanager
 def uncalibrated(model):
     """Every MoD layer's causal threshold at 0 within the block (restored after)."""
@@ -95,6 +137,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes to measure")
+    p.add_argument("--heldout", default=None, metavar="PREFIX",
+                   help="indexed dataset prefix: MoD causal routed share on its last sequences")
+    p.add_argument("--heldout-seqs", type=int, default=16)
     p.add_argument("--uncalibrated", action="store_true",
                    help="also time the MoD model with its causal thresholds at 0 (before calibration)")
     args = p.parse_args(argv)
@@ -102,7 +147,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     from mod_train.distributed.world_of_one import world_of_one
     from mod_train.inference.loader import load_for_generation
 
-    rows = {}
+    from mod_train.model.mod import mod_layers_of
+
+    rows, heldout, capacities = {}, {}, []
     with world_of_one():
         for i, kind in enumerate(("dense", "mod")):
             if args.checkpoints:
@@ -114,6 +161,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 name = f"{kind} ({args.models[i]}, random init)"
             for batch in args.batch:
                 rows[f"{kind} b{batch}"] = {"name": name, **time_generation(model, cfg, args, batch)}
+            if kind == "mod" and args.heldout:
+                heldout["calibrated thresholds"] = heldout_routed_share(model, cfg, args.heldout, args.heldout_seqs)
+                if args.uncalibrated:
+                    with uncalibrated(model):
+                        heldout["thresholds at 0"] = heldout_routed_share(model, cfg, args.heldout,
+                                                                          args.heldout_seqs)
+                capacities = [layer.capacity for layer in mod_layers_of([model])]
             if kind == "mod" and args.uncalibrated:
                 with uncalibrated(model):
                     for batch in args.batch:
@@ -123,6 +177,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {device}  prompt {args.prompt_len} + {args.new_tokens} new tokens per sequence, greedy, "
           f"median of {args.repeats}")
+    for label, shares in heldout.items():
+        print(f"held-out text, MoD causal routed share per layer ({label}): "
+              + ", ".join(f"{s:.1%}" for s in shares) + " (capacity " + ", ".join(f"{c:.1%}" for c in capacities) + ")")
     for row in rows.values():
         share = ", ".join(f"{s:.0%}" for s in row["mod_routed_share"]) or "-"
         print(f"{row['name']:>56} batch {row['batch']:>3} {row['tokens_per_s']:10.1f} tokens/s   "
@@ -135,7 +192,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             print(f"batch {b}: MoD with thresholds at 0 / dense: "
                   f"{rows[f'mod-t0 b{b}']['tokens_per_s'] / rows[f'dense b{b}']['tokens_per_s']:.3f}x")
     summary = {"device": device, "args": vars(args), "rows": rows,
-               "mod_over_dense": {str(b): x for b, x in speedup.items()}}
+               "mod_over_dense": {str(b): x for b, x in speedup.items()},
+               "heldout_causal_routed_share": heldout, "mod_capacities": capacities}
     print("RESULT " + json.dumps(summary))
     return summary
 
