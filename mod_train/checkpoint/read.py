@@ -49,7 +49,20 @@ class CheckpointReadError(RuntimeError):
 # ----------------------------------------------------------------------------- which directory
 def resolve_iter_dir(path: PathLike, iteration: Optional[str] = "latest") -> Path:
     """The ``iter_*`` directory to read: ``path`` is a checkpoint root (``iteration`` picks a step or
-    ``"latest"``) or already one ``iter_*`` directory."""
+    ``"latest"``) or already one ``iter_*`` directory. Its files are checked against the sizes and
+    checksums in complete.json first (integrity.py; read-only): a damaged file is named here, not
+    found later by the reader of that file."""
+    from mod_train.checkpoint import integrity
+
+    iter_dir = _locate_iter_dir(path, iteration)
+    verdict = integrity.verify(iter_dir, read_complete(iter_dir))
+    if not verdict.usable:
+        raise CheckpointReadError(f"checkpoint {iter_dir} is damaged: {verdict.problem} (mod-ckpt verify "
+                                  f"{iter_dir.parent} lists the good ones; pass one with --iter)")
+    return iter_dir
+
+
+def _locate_iter_dir(path: PathLike, iteration: Optional[str]) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointReadError(f"checkpoint path {p} does not exist (give the checkpoint root, e.g. "

@@ -205,3 +205,16 @@ def test_resume_from_a_damaged_latest_falls_back_trains_finite_and_keeps_the_goo
     assert len(bad) == 1 and integrity.bad_reason(bad[0])
     assert CheckpointDir(root).find_latest()[0] == 6
     assert CheckpointDir(root).verify(root / "iter_0000006").status is integrity.Status.GOOD
+
+
+def test_readers_outside_training_name_a_damaged_file(written, tmp_path):
+    """mod-export / mod-generate read through read.resolve_iter_dir: a truncated model/*.distcp
+    (on the old code: accepted, failing later inside torch.distributed.checkpoint) is named."""
+    from mod_train.checkpoint.read import CheckpointReadError, resolve_iter_dir
+
+    root = _copy(written, tmp_path) / "checkpoints"
+    _truncate(root / "iter_0000004" / "model" / "__0_0.distcp")
+    with pytest.raises(CheckpointReadError, match=r"iter_0000004/model/__0_0\.distcp is \d+ bytes"):
+        resolve_iter_dir(root)
+    assert resolve_iter_dir(root, "2") == root / "iter_0000002"
+    assert not (root / "iter_0000004" / integrity.BAD_MARKER).exists()  # read-only
