@@ -298,9 +298,11 @@ def render_train(cfg, overrides: Sequence[str], alloc: Optional[Allocation] = No
         prefix = f"apptainer exec {' '.join(flags + [_q(c.image)])} "
     srun += [_q(a) for a in s.srun_args]
     if s.requeue:
-        requeue = f"""# ---- requeue after the warning, unless training is finished or stopped making progress
-if [ "$PREEMPTED" -gt 0 ]; then
-  if {_q(_host_python(cfg))} -m launch.slurm_job requeue-check --run-dir "$RUN_DIR" --exit-code "$RC"; then
+        requeue = f"""# ---- requeue after the warning (or a hang stopped by the step watchdog), unless training is
+# finished or stopped making progress
+if [ "$PREEMPTED" -gt 0 ] || [ "$RC" -ne 0 ]; then
+  if {_q(_host_python(cfg))} -m launch.slurm_job requeue-check --run-dir "$RUN_DIR" --exit-code "$RC" \\
+      --preempted "$([ "$PREEMPTED" -gt 0 ] && echo 1 || echo 0)"; then
     echo "[$(date '+%F %T')] requeueing job $SLURM_JOB_ID (restart $((RESTART + 1)))"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     echo "scontrol requeue $SLURM_JOB_ID failed" >&2

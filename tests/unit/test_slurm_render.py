@@ -261,6 +261,36 @@ def test_requeue_check_stops_without_progress(tmp_path, monkeypatch):
         ["requeue", "requeue", "requeue", "requeue", "stop", "requeue", "stop"]
 
 
+def test_requeue_after_a_watchdog_stop_but_not_after_a_crash(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from mod_train.callbacks.watchdog import WATCHDOG_DIR
+
+    assert J.WATCHDOG_DIR == WATCHDOG_DIR  # the stdlib-only copy of the name
+    run = tmp_path / "run"
+    (run / "slurm").mkdir(parents=True)
+    (run / "slurm" / J.JOB_FILE).write_text('{"max_steps": 100, "checkpoint_dir": "x", "max_requeues": 2}')
+    monkeypatch.setattr(J, "latest_step", lambda d: 10)
+    dumps = run / WATCHDOG_DIR
+    dumps.mkdir()
+    old = dumps / "rank_00001.txt"
+    old.write_text("stacks of an earlier job run")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    J.job_start(run)
+    ok, why = J.requeue_check(run, 1, preempted=False)  # a crash: the only dump predates this run
+    assert not ok and "without a pre-emption warning or a watchdog stop" in why
+    J.job_start(run)
+    (dumps / "rank_00000.txt").write_text("stacks: step 5 exceeded train.step_timeout_s")
+    assert J.requeue_check(run, 1, preempted=False)[0]  # the watchdog stopped a hang: requeue
+    assert J.main(["requeue-check", "--run-dir", str(run), "--exit-code", "1", "--preempted", "0"]) == 0
+    # The rendered job asks requeue-check after any non-zero exit too, telling it whether a
+    # pre-emption warning came.
+    script, _ = _render(tmp_path / "r", *GPU)
+    assert '[ "$PREEMPTED" -gt 0 ] || [ "$RC" -ne 0 ]' in script and "--preempted" in script
+    _bash_syntax_ok(script, tmp_path)
+
+
 def test_requeue_check_cli(tmp_path):
     run = tmp_path / "run"
     (run / "slurm").mkdir(parents=True)
