@@ -361,10 +361,15 @@ class CheckpointDir:
         """``find_latest``, after checking every file's size and checksum: a checkpoint that fails
         is marked bad (kept, named in a warning) and the next newest is tried. Rank 0 only (it
         writes the marker); a checkpoint without checksums is returned with a one-line warning."""
+        tried: set = set()
         while True:
             found = self.find_latest()
+            if found is not None and found[1] in tried:  # its marker could not be written
+                rest = [c for c in reversed(self.list_complete()) if c[1] not in tried]
+                found = rest[0] if rest else None
             if found is None:
                 return None
+            tried.add(found[1])
             verdict = self.verify(found[1])
             if verdict.usable:
                 return found
@@ -380,7 +385,10 @@ class CheckpointDir:
         else:
             verdict = integrity.verify(ckpt_dir, record)
         if verdict.status is integrity.Status.BAD:
-            integrity.mark_bad(ckpt_dir, verdict.problem or "damaged")
+            try:
+                integrity.mark_bad(ckpt_dir, verdict.problem or "damaged")
+            except OSError as e:  # read-only storage: still skipped for this resume
+                log.warning("could not mark %s bad: %s", ckpt_dir, e)
         elif verdict.status is integrity.Status.UNVERIFIED:
             log.warning("checkpoint %s has no checksums (written before they existed): loaded unverified", ckpt_dir)
         return verdict
