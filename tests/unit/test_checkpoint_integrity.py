@@ -218,3 +218,9 @@ def test_readers_outside_training_name_a_damaged_file(written, tmp_path):
         resolve_iter_dir(root)
     assert resolve_iter_dir(root, "2") == root / "iter_0000002"
     assert not (root / "iter_0000004" / integrity.BAD_MARKER).exists()  # read-only
+
+
+def test_mod_ckpt_is_a_console_script_and_says_when_there_is_no_checkpoint(tmp_path):
+    exe = Path(sys.executable).with_name("mod-ckpt")
+    r = subprocess.run([str(exe), "verify", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"{tmp_path} holds no checkpoint" in r.stderr
