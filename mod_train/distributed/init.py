@@ -33,9 +33,11 @@ def ensure_env_for_single_process() -> None:
     """Allow `python -m mod_train.train` without torchrun: a world of one on localhost."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # No launcher set a rank: this world of one is ours alone, so its store gets a port of its own.
+    # A MASTER_PORT inherited from the parent (a test process, a notebook with its own process
+    # group) is usually held by that parent's store: reusing it fails with EADDRINUSE.
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
