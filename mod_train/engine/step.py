@@ -228,7 +228,9 @@ class StepRunner:
                                    f"(its gradient-overflow check is off?)")
         else:
             self.discard_update()
-        if verdict.applied:
+        if not verdict.applied:
+            self.calibrator.discard()
+        else:
             self.calibrator.update()  # the MoD causal threshold learns from applied steps only
             grad_norm = self.engine.get_global_grad_norm()  # None under ZeRO 0 (DeepSpeed keeps it internal)
             if grad_norm is not None:

@@ -416,6 +416,12 @@ class CausalThresholdCalibrator:
         for router, target in zip(self.routers, targets):
             router.update_threshold(target)
 
+    def discard(self) -> None:
+        """A step whose update was skipped (non-finite, spike): its observations, possibly NaN,
+        must not reach the threshold with the next applied step's."""
+        for router in self.routers:
+            router.take_observed()
+
 
 def mod_layer_spec(base: ModuleSpec, capacity: float, mod: ModConfig, seq_length: int,
                    aux_loss_scale: float = 1.0) -> ModuleSpec:

@@ -123,6 +123,17 @@ def test_checkpoints_from_before_calibration_load_with_threshold_zero(megatron_t
     assert float(mod.router.causal_threshold) == 0.0
 
 
+def test_a_skipped_steps_observations_never_reach_the_threshold(megatron_tp1):
+    _, mod, _ = make_layers(0.25, "sigmoid")
+    calibrator = CausalThresholdCalibrator([mod])
+    mod.router.observe(torch.full((2, 16), float("nan")), 0.25)  # the forward of a NaN step
+    calibrator.discard()  # its update was skipped
+    mod.router.observe(torch.arange(32.0).view(2, 16), 0.25)
+    calibrator.update()
+    assert torch.isfinite(mod.router.causal_threshold)
+    assert float(mod.router.causal_threshold) == pytest.approx(0.05 * 23.5)
+
+
 def test_no_calibration_when_the_rate_is_zero(megatron_tp1):
     router = MoDRouter(8, ModConfig(enabled=True, threshold_update_rate=0.0), init_std=0.02)
     router.observe(torch.randn(2, 8), 0.25)
