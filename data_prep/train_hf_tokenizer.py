@@ -23,7 +23,8 @@ from typing import Iterator, List, Sequence
 from data_prep._io import DataPrepError, expand_inputs, iter_documents, prepare_output_dir
 from data_prep.encoders import HF_CONFIG_FILE, HF_TOKENIZER_FILE
 from data_prep.tokenizer_info import (BOS_ID, BOS_PIECE, EOS_ID, EOS_PIECE, NUM_FIXED_SPECIAL, PAD_ID, PAD_PIECE,
-                                      UNK_ID, UNK_PIECE, TokenizerInfo, empty_corpus_message)
+                                      UNK_ID, UNK_PIECE, TokenizerInfo, checked_special_tokens,
+                                      empty_corpus_message)
 
 _BYTE_SYMBOLS = 256
 _BATCH_DOCS = 1000
@@ -58,12 +59,7 @@ def train_hf_bpe(
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    special_tokens = list(dict.fromkeys(special_tokens))
-    reserved = {PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE} & set(special_tokens)
-    if reserved:
-        raise DataPrepError(f"special tokens {sorted(reserved)} are built in (ids 0-3); do not pass them again")
-    if any(not t or t != t.strip() for t in special_tokens):
-        raise DataPrepError("special tokens must be non-empty and have no surrounding whitespace")
+    special_tokens = checked_special_tokens(special_tokens)
     floor = NUM_FIXED_SPECIAL + len(special_tokens) + _BYTE_SYMBOLS
     if vocab_size <= floor:
         raise DataPrepError(f"vocab_size={vocab_size} is too small: {NUM_FIXED_SPECIAL} fixed special tokens + "

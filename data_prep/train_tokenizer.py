@@ -36,7 +36,8 @@ from typing import Iterator, List, Optional, Sequence
 
 from data_prep._io import DataPrepError, expand_inputs, iter_documents, prepare_output_dir
 from data_prep.tokenizer_info import (BOS_ID, BOS_PIECE, EOS_ID, EOS_PIECE, NUM_FIXED_SPECIAL, PAD_ID, PAD_PIECE,
-                                      UNK_ID, UNK_PIECE, TokenizerInfo, empty_corpus_message)
+                                      UNK_ID, UNK_PIECE, TokenizerInfo, checked_special_tokens,
+                                      empty_corpus_message)
 
 MAX_SENTENCE_CHARS = 4096  # longer lines are cut into pieces of this size for training
 
@@ -95,12 +96,7 @@ def train_tokenizer(
 
     if model_type not in ("bpe", "unigram"):
         raise DataPrepError(f"model_type must be 'bpe' or 'unigram', not {model_type!r}")
-    special_tokens = list(dict.fromkeys(special_tokens))
-    reserved = {PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE} & set(special_tokens)
-    if reserved:
-        raise DataPrepError(f"special tokens {sorted(reserved)} are built in (ids 0-3); do not pass them again")
-    if any(not t or t != t.strip() for t in special_tokens):
-        raise DataPrepError("special tokens must be non-empty and have no surrounding whitespace")
+    special_tokens = checked_special_tokens(special_tokens)
     floor = NUM_FIXED_SPECIAL + len(special_tokens) + (256 if byte_fallback else 0)
     if vocab_size <= floor:
         raise DataPrepError(f"vocab_size={vocab_size} is too small: {NUM_FIXED_SPECIAL} fixed special tokens + "
