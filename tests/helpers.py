@@ -9,11 +9,12 @@ rank raises in the caller with that rank's traceback; a hang is killed after ``t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
 from datetime import timedelta
-from typing import Any, Callable, List
+from typing import Any, Callable, Iterator, List
 
 from mod_train.distributed.world import free_port  # noqa: F401  (re-exported for tests)
 
@@ -63,3 +64,18 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                     p.join()
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world_size)]
+
+
+@contextlib.contextmanager
+def restored_env(*keys: str) -> Iterator[None]:
+    """Environment variables ``keys`` exactly as before the block (set or absent), whatever the
+    code under test did to them process-wide."""
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -21,6 +21,7 @@ from mod_train.tracking.mlflow_run import MAX_RETRIES_ENV, TIMEOUT_ENV
 from mod_train.tracking.run_files import MLFLOW_RUN_ID_FILE, MLFLOW_UNFINISHED_FILE
 from mod_train.tracking.run_logger import open_run_logger
 from tests.helpers_train import REPO, free_port
+from tests.helpers import restored_env
 from tests.mlflow_server import kill_server, start_server
 
 CONFIG = {"model": {"hidden_size": 32}, "train": {"max_steps": 10}}
@@ -28,14 +29,9 @@ CONFIG = {"model": {"hidden_size": 32}, "train": {"max_steps": 10}}
 
 @pytest.fixture
 def http_env():
-    saved = {k: os.environ.get(k) for k in (TIMEOUT_ENV, MAX_RETRIES_ENV)}
-    os.environ[TIMEOUT_ENV], os.environ[MAX_RETRIES_ENV] = "1", "0"
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with restored_env(TIMEOUT_ENV, MAX_RETRIES_ENV):
+        os.environ[TIMEOUT_ENV], os.environ[MAX_RETRIES_ENV] = "1", "0"
+        yield
 
 
 def _open(run_dir: Path, uri: str):

@@ -6,6 +6,7 @@ import socket
 import pytest
 
 from mod_train.distributed.init import ensure_env_for_single_process
+from tests.helpers import restored_env
 
 WORLD_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -13,15 +14,10 @@ WORLD_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 @pytest.fixture
 def clean_world_env():
     """The test's changes to the launcher variables never reach later tests' child processes."""
-    saved = {k: os.environ.get(k) for k in WORLD_KEYS}
-    for k in WORLD_KEYS:
-        os.environ.pop(k, None)
-    yield
-    for k, v in saved.items():
-        if v is None:
+    with restored_env(*WORLD_KEYS):
+        for k in WORLD_KEYS:
             os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        yield
 
 
 def test_an_inherited_busy_master_port_is_not_reused(clean_world_env):

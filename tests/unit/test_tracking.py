@@ -24,6 +24,7 @@ from mod_train.tracking.flatten import PER_INVOCATION_KEYS
 from mod_train.tracking.run_files import METRICS_FILE, RESOLVED_CONFIG, RUN_DIR_TAG, TENSORBOARD_DIR
 from mod_train.tracking.run_logger import open_run_logger
 from mod_train.tracking.mlflow_run import MAX_RETRIES_ENV, TIMEOUT_ENV
+from tests.helpers import restored_env
 from tests.mlflow_server import kill_server, start_server
 
 LOGGER = "mod_train.tracking.mlflow_run"
@@ -45,13 +46,8 @@ def store(tmp_path_factory):
 @pytest.fixture
 def http_env():
     """The tracker sets MLflow's HTTP env vars process-wide; restore them after the test."""
-    saved = {k: os.environ.get(k) for k in (TIMEOUT_ENV, MAX_RETRIES_ENV)}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with restored_env(TIMEOUT_ENV, MAX_RETRIES_ENV):
+        yield
 
 
 def _outage_warnings(caplog) -> int:
