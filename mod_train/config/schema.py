@@ -59,6 +59,32 @@ class MoDEMode(Choice):
     integrated = "integrated"
 
 
+class RecomputeGranularity(Choice):
+    """megatron-core's recompute_granularity (null in the config: no recomputation)."""
+
+    full = "full"  # whole transformer layers, chosen by method / num_layers
+    selective = "selective"  # the submodules in model.recompute.modules, in every layer
+
+
+class RecomputeMethod(Choice):
+    """megatron-core's recompute_method (full granularity only)."""
+
+    uniform = "uniform"  # checkpoint every group of num_layers consecutive layers
+    block = "block"  # checkpoint the first num_layers layers of each pipeline stage, keep the rest
+
+
+class RecomputeModule(Choice):
+    """megatron-core's recompute_modules (selective granularity), named as megatron names them.
+    ``mla_up_proj`` is left out: mod-train has no multi-latent attention."""
+
+    core_attn = "core_attn"  # the attention kernel (softmax(QK^T)V)
+    mlp = "mlp"  # the dense MLP
+    moe = "moe"  # the whole MoE layer (router, dispatch, experts)
+    moe_act = "moe_act"  # the activation inside megatron's grouped expert MLP
+    layernorm = "layernorm"  # input and pre-MLP norms (outputs discarded, recomputed in backward)
+    shared_experts = "shared_experts"  # an MoE layer's shared experts
+
+
 class Normalization(Choice):
     RMSNorm = "RMSNorm"
     LayerNorm = "LayerNorm"
@@ -175,6 +201,20 @@ class MoEConfig:
 
 
 @dataclass
+class RecomputeConfig:
+    """Activation recomputation through megatron-core's own (TransformerConfig.recompute_*):
+    activations are dropped in the forward pass and recomputed in the backward pass. A recomputed
+    MoD layer reuses the top-k selection of its forward pass (model/recompute.py)."""
+
+    granularity: Optional[RecomputeGranularity] = None  # null: off
+    method: RecomputeMethod = RecomputeMethod.uniform  # full only
+    # full + uniform: layers per checkpointed group (divides the layers of a pipeline stage);
+    # full + block: layers recomputed per pipeline stage (virtual stage with parallel.vpp).
+    num_layers: int = 1
+    modules: List[RecomputeModule] = field(default_factory=lambda: [RecomputeModule.core_attn])  # selective only
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     num_layers: int = 4
@@ -197,6 +237,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     mod: ModConfig = field(default_factory=ModConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
 
 
 @dataclass

@@ -289,6 +289,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         _require(m.moe.mode == "none",
                  f"model.moe.mode={m.moe.mode} needs experts: set model.moe.num_experts > 0.")
 
+    _validate_recompute(cfg, moe_layers)
+
     # ---- data and tokenizer
     vocab = m.vocab_size or 0
     if cfg.data.mock:
@@ -341,6 +343,80 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         moe_layers=moe_layers,
         bf16=bf16,
     )
+
+
+def _validate_recompute(cfg: Config, moe_layers: List[int]) -> None:
+    """model.recompute against megatron-core's own rules (TransformerConfig.__post_init__,
+    TransformerBlock._checkpointed_forward), stricter where megatron would silently do nothing."""
+    rc, m, par = cfg.model.recompute, cfg.model, cfg.parallel
+    modules = [str(x) for x in rc.modules]
+    defaults = {"method": "uniform", "num_layers": 1, "modules": ["core_attn"]}
+    if rc.granularity is None:
+        changed = [k for k, v in (("method", str(rc.method)), ("num_layers", rc.num_layers), ("modules", modules))
+                   if v != defaults[k]]
+        _require(not changed,
+                 f"model.recompute.{'/'.join(changed)} set but model.recompute.granularity is null (no recomputation): "
+                 f"set model.recompute.granularity=full (method, num_layers) or selective (modules).")
+        return
+    per_stage = m.num_layers // (par.pp * (par.vpp or 1))  # layers of one model chunk
+    if rc.granularity == "full":
+        _require(modules == defaults["modules"],
+                 f"model.recompute.modules={modules} is for granularity=selective; full recomputes whole layers "
+                 f"(chosen by model.recompute.method and num_layers): drop model.recompute.modules.")
+        _require(rc.num_layers >= 1, f"model.recompute.num_layers must be >= 1, got {rc.num_layers}.")
+        if rc.method == "uniform":
+            # megatron checkpoints groups of num_layers consecutive layers and indexes past the
+            # stage's last layer when they do not divide it.
+            _require(per_stage % rc.num_layers == 0,
+                     f"model.recompute.method=uniform checkpoints groups of model.recompute.num_layers="
+                     f"{rc.num_layers} layers, which must divide the {per_stage} layers of each pipeline stage "
+                     f"(model.num_layers / (parallel.pp x parallel.vpp)): choose a divisor of {per_stage}.")
+        else:
+            _require(rc.num_layers <= per_stage,
+                     f"model.recompute.method=block recomputes model.recompute.num_layers={rc.num_layers} layers per "
+                     f"pipeline stage, which has {per_stage}: set model.recompute.num_layers between 1 and {per_stage}.")
+        return
+    # selective: megatron requires recompute_num_layers None and ignores the method.
+    _require(str(rc.method) == "uniform" and rc.num_layers == 1,
+             f"model.recompute.method/num_layers choose layers for granularity=full; selective recomputes "
+             f"model.recompute.modules in every layer: drop model.recompute.method and num_layers.")
+    _require(len(modules) > 0, "model.recompute.granularity=selective with no model.recompute.modules: name at "
+                               "least one (core_attn, mlp, moe, moe_act, layernorm, shared_experts) or set "
+                               "model.recompute.granularity=null.")
+    moe_only = [x for x in modules if x in ("moe", "moe_act", "shared_experts")]
+    _require(not moe_only or bool(moe_layers),
+             f"model.recompute.modules {moe_only} recompute parts of MoE layers, and the model has none: use "
+             f"core_attn, mlp or layernorm, or set model.moe.num_experts > 0.")
+    _require("mlp" not in modules or len(moe_layers) < m.num_layers,
+             "model.recompute.modules has mlp but every layer is an MoE layer (no dense MLP): use moe.")
+    if "shared_experts" in modules:
+        _require(m.moe.shared_expert_ffn_hidden_size is not None,
+                 "model.recompute.modules has shared_experts but the MoE layers have none "
+                 "(model.moe.shared_expert_ffn_hidden_size is null): drop shared_experts.")
+        # Nested checkpoints: megatron's checkpoint flag (which a recomputed layer reads to recognise
+        # the recompute) would be cleared by the inner one.
+        _require("moe" not in modules,
+                 "model.recompute.modules has both moe and shared_experts: recomputing the whole MoE layer "
+                 "already recomputes its shared experts. Drop shared_experts.")
+    if "layernorm" in modules:
+        import importlib.util
+
+        # megatron-core 0.16.1's CheckpointWithoutOutput (layernorm recompute) sets fp8 = (False is not
+        # None) and so always enters Transformer Engine's fp8 state: NameError without TE.
+        _require(importlib.util.find_spec("transformer_engine") is not None,
+                 "model.recompute.modules has layernorm, whose recompute in megatron-core 0.16.1 needs Transformer "
+                 "Engine (not installed here): drop layernorm (core_attn, mlp and moe work without it).")
+    if "moe_act" in modules:
+        _require(m.moe.grouped_gemm,
+                 "model.recompute.modules has moe_act, which megatron-core implements only inside its grouped "
+                 "expert MLP: set model.moe.grouped_gemm=true (GPU with Transformer Engine) or use moe instead.")
+        from mod_train.model.expert_mlp import grouped_gemm_missing
+
+        missing = grouped_gemm_missing()
+        _require(missing is None,
+                 f"model.recompute.modules has moe_act, which megatron-core implements only inside its grouped "
+                 f"expert MLP, and model.moe.grouped_gemm falls back to the sequential experts here: {missing}. "
+                 f"Use moe instead of moe_act.")
 
 
 def _validate_resilience(cfg: Config) -> None:

@@ -19,6 +19,7 @@ from mod_train.engine.update_policy import StepCheck, UpdatePolicy, Verdict
 from mod_train.model.aux_losses import AuxLossRecorder
 from mod_train.tracking import keys as K
 from mod_train.model.mod import CausalThresholdCalibrator, causal_routing, mod_layers_of
+from mod_train.model.recompute import check_drained, stashes_of
 
 
 class ChunkView(torch.nn.Module):
@@ -121,6 +122,7 @@ class StepRunner:
         chunks = [v.module for v in self.views]
         self.calibrator = CausalThresholdCalibrator(chunks)
         self.has_mod = bool(mod_layers_of(chunks))
+        self.routing_stashes = stashes_of(chunks)  # MoD selections kept for full recomputation
 
     def _read_batches(self, data_iterator) -> List[dict]:
         return [next(data_iterator) for _ in range(self.derived.num_microbatches)]
@@ -209,7 +211,9 @@ class StepRunner:
         threshold calibrator as they were. ``loss_factor``: a test's injected fault (NaN, spike)."""
         for v in self.views:
             v.train()
+        check_drained(self.routing_stashes, f"before training step {step}")
         metrics = self._run(self._read_batches(data_iterator), forward_only=False, loss_factor=loss_factor)
+        check_drained(self.routing_stashes, f"training step {step}")  # every recompute took its selection
         self._sync_tied_embedding_grads()
         metrics.extra[K.LEARNING_RATE] = self.engine.get_lr()[0]  # the LR this update uses
         verdict = Verdict.APPLY

@@ -10,9 +10,19 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mod_train.config.schema import Config
+from mod_train.config.schema import Config, RecomputeConfig
 from mod_train.config.validate import Derived
 from mod_train.model.specs import decoder_block_spec
+
+
+def recompute_kwargs(rc: RecomputeConfig) -> dict:
+    """megatron's recompute_* settings for ``model.recompute`` (validated in validate.py)."""
+    if rc.granularity is None:
+        return {}
+    if rc.granularity == "full":
+        return dict(recompute_granularity="full", recompute_method=str(rc.method),
+                    recompute_num_layers=rc.num_layers)
+    return dict(recompute_granularity="selective", recompute_modules=[str(x) for x in rc.modules])
 
 
 def transformer_config(cfg: Config, derived: Derived) -> TransformerConfig:
@@ -81,6 +91,7 @@ def transformer_config(cfg: Config, derived: Derived) -> TransformerConfig:
         # gloo the gradient lands in the activation buffer. megatron's unbatched path orders the
         # ops by rank parity (and splits the directions over two communicators for a group of 2).
         batch_p2p_comm=par.vpp is None,
+        **recompute_kwargs(m.recompute),
         **moe_kwargs,
     )
 

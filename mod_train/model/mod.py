@@ -37,6 +37,13 @@ Under sequence parallelism the layer input is split over TP ranks along the sequ
 and top-k need the whole sequence, so the input is gathered, routing is computed identically on
 every TP rank (the first TP rank's selection is used by all), and the k selected tokens are split
 again for the block (padded to a multiple of TP where k does not divide).
+
+Under activation recomputation (``model.recompute``) megatron runs a recomputed layer twice per
+micro-batch: a no-grad forward, then again inside backward. The recompute reuses the top-k set of
+the forward (a per-layer first-in first-out stash, never a second selection or TP broadcast), and
+the auxiliary BCE loss, the routing statistics and the calibration observation happen once, in
+the recompute, whose graph backward runs through; ``recompute.py`` says why and how a stale entry
+is caught. Selective recomputation runs inside the block, after routing, and needs nothing here.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from mod_train.config.schema import ModConfig
 from mod_train.model.flops import routed_tokens
 from mod_train.model.moe import ensure_router_gemm_fallback
+from mod_train.model.recompute import HasRoutingStash, Pass, RoutingStash, recompute_pass
 from mod_train.model.routing_stats import RoutingStatsSource
 from mod_train.tracking.keys import mod_layer_prefix
 
@@ -227,7 +235,7 @@ class MoDRouter(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------- the layer
-class MoDTransformerLayer(TransformerLayer, RoutingStatsSource):
+class MoDTransformerLayer(TransformerLayer, RoutingStatsSource, HasRoutingStash):
     """A megatron-core TransformerLayer that only processes the top-k tokens of each sequence."""
 
     def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout=None, pg_collection=None,
@@ -243,6 +251,14 @@ class MoDTransformerLayer(TransformerLayer, RoutingStatsSource):
         # "topk" while training and evaluating; "causal" applies the per-token decision (sampling).
         self.routing = "topk"
         self.router = MoDRouter(config.hidden_size, mod, config.init_method_std)
+        # Top-k sets of full-recompute forward passes, for their recomputes (recompute.py).
+        self.routing_stash = RoutingStash(f"MoD layer {layer_number}")
+        if config.recompute_granularity == "full" and (config.fp8 or config.fp4):
+            # megatron then recomputes through Transformer Engine's checkpoint, which does not set the
+            # checkpoint flag that tells this layer's recompute from its forward (a second selection).
+            raise ValueError("MoD layers with full activation recomputation need megatron's own checkpoint, "
+                             "which fp8/fp4 replace by Transformer Engine's: use model.recompute.granularity="
+                             "selective, or train MoD models without fp8/fp4.")
 
     def set_capacity(self, capacity: float) -> None:
         """Change the routed share from the next forward on (the capacity schedule calls it between
@@ -318,6 +334,7 @@ class MoDTransformerLayer(TransformerLayer, RoutingStatsSource):
     def _forward_topk(self, x, logits, rotary_pos_emb, *args, **kwargs) -> torch.Tensor:
         s = x.size(0)
         k = self.k_for(s)
+        phase = recompute_pass(self.training)
         if k == s:
             # Capacity 1.0: top-k keeps every token in order, so gather/scatter are the identity;
             # skipping them gives the same numbers at the cost of the dense layer plus the router.
@@ -326,13 +343,15 @@ class MoDTransformerLayer(TransformerLayer, RoutingStatsSource):
             out = block_out if delta is None else x + delta.to(x.dtype)
             target = torch.ones_like(logits)
         else:
-            idx = self._agree(topk_indices(logits, k))
+            idx = self._select(logits, k, phase)
             selected = gather_tokens(x, idx)
             block_out = self._block(selected, gather_rope(rotary_pos_emb, idx), *args, **kwargs)
             out = self.combine(x, idx, selected, block_out, torch.gather(logits, 1, idx))
             # Top-k membership, the target of the causal decision (carries no gradient).
             target = torch.zeros_like(logits).scatter_(1, idx, 1.0)
 
+        if phase is Pass.FIRST:
+            return out  # aux loss, observation and statistics: once, in the recompute (recompute.py)
         causal = self.router.causal_logits(x, logits)
         aux = F.binary_cross_entropy_with_logits(causal, target)
         if self.training and torch.is_grad_enabled():
@@ -340,6 +359,16 @@ class MoDTransformerLayer(TransformerLayer, RoutingStatsSource):
             self.router.observe(causal, k / s)
         self._record(causal.detach(), target, aux.detach(), k / s)
         return out
+
+    def _select(self, logits: torch.Tensor, k: int, phase: Pass) -> torch.Tensor:
+        """The top-k set [b, k] of this micro-batch, agreed over TP ranks; a recompute reuses the one
+        its forward pass chose (stashed first-in first-out)."""
+        if phase is Pass.RECOMPUTE:
+            return self.routing_stash.pop(logits.size(0), k, logits.size(1))
+        idx = self._agree(topk_indices(logits, k))
+        if phase is Pass.FIRST:
+            self.routing_stash.push(idx)
+        return idx
 
     def _forward_causal(self, x, logits, rotary_pos_emb, *args, **kwargs) -> torch.Tensor:
         """Route each token by its own causal decision (variable count per sequence)."""

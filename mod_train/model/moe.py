@@ -35,6 +35,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 
+from mod_train.model.recompute import Pass, recompute_pass
 from mod_train.model.routing_stats import RoutingStatsSource
 from mod_train.tracking.keys import moe_layer_prefix
 
@@ -96,6 +97,10 @@ class ObservedMoELayer(MoELayer, RoutingStatsSource):
     # -- routing
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().route(hidden_states, padding_mask)
+        if recompute_pass(self.training) is Pass.FIRST:
+            # A recomputed layer (model.recompute) records in its recompute, like megatron's router
+            # logs its aux loss there: once per micro-batch (recompute.py).
+            return probs, routing_map
         training = self.training and torch.is_grad_enabled()
         with torch.no_grad():
             self._record(hidden_states, routing_map, training)
