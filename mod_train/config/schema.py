@@ -284,6 +284,15 @@ class DataConfig:
     # Synthetic tokens from megatron-core's MockGPTDataset (Megatron-LM's --mock-data), for
     # benchmarks and smoke tests: no tokenizer or data files; model.vocab_size sets the vocabulary.
     mock: bool = False
+    # Packed sequences hold several documents separated by the tokenizer's EOD token. Each option
+    # is megatron-core's GPTDataset option of the same name (Megatron-LM's --reset-position-ids,
+    # --reset-attention-mask, --eod-mask-loss): positions restart after every EOD (learned absolute
+    # position embeddings only: rope is relative, see README "Packed documents"), attention stays
+    # inside a document (a per-sample [s, s] mask travels with the batch), the loss skips positions
+    # whose input token is EOD (their target, the next document's first token, cannot be predicted).
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
 
 
 @dataclass

@@ -84,6 +84,34 @@ def tokenizer_vocab_size(path: str) -> int:
         raise ConfigError(f"data.tokenizer_model: {e}") from e
 
 
+def tokenizer_eod(path: str) -> int:
+    """The end-of-document id of the tokenizer at ``path`` (checked by ``tokenizer_vocab_size``)."""
+    from data_prep.encoders import eod_id, load_encoder
+
+    return eod_id(load_encoder(str(path)))
+
+
+def _validate_packed_documents(cfg: Config, check_files: bool) -> None:
+    """data.reset_position_ids / reset_attention_mask / eod_mask_loss (packed documents)."""
+    d, m = cfg.data, cfg.model
+    _require(not (d.reset_position_ids and m.position_embedding == "rope"),
+             "data.reset_position_ids=true with model.position_embedding=rope: megatron-core computes rope "
+             "from the sequence length, not from position_ids, so resetting them would change nothing. Rope "
+             "is relative: with data.reset_attention_mask=true a token already sees its own document at the "
+             "same relative positions as if the document started at 0. Set data.reset_position_ids=false "
+             "(and data.reset_attention_mask=true), or use model.position_embedding=learned_absolute.")
+    if not (d.reset_position_ids or d.reset_attention_mask or d.eod_mask_loss) or d.mock or not check_files:
+        return  # megatron's mock documents end with the tokenizer's EOD
+    from mod_train.data.indexed_check import documents_end_with
+
+    eod = tokenizer_eod(d.tokenizer_model)
+    for prefix in d.paths:
+        _require(documents_end_with(prefix, eod),
+                 f"data.reset_position_ids/reset_attention_mask/eod_mask_loss find documents by the tokenizer's "
+                 f"EOD id {eod}, but no document of '{prefix}' ends with it (tokenized with `mod-prep-data "
+                 f"--no-eod`?): re-tokenize without --no-eod, or set these options to false.")
+
+
 def check_data_paths(paths: List[str], weights: Optional[List[float]], vocab_size: Optional[int] = None) -> None:
     _require(len(paths) > 0, "data.paths is empty: give at least one indexed dataset prefix "
                              "(the path of a .bin/.idx pair without the extension), made by `mod-prep-data`.")
@@ -311,6 +339,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         check_data_paths(list(cfg.data.paths), None if cfg.data.weights is None else list(cfg.data.weights),
                          tok_vocab)
     _require(vocab >= 1, "model.vocab_size is unknown: set data.tokenizer_model (or model.vocab_size).")
+    _validate_packed_documents(cfg, check_files)
     padded_vocab = pad_vocab(vocab, m.make_vocab_size_divisible_by)
     _require(padded_vocab % par.tp == 0,
              f"the padded vocabulary ({padded_vocab}) is not divisible by parallel.tp={par.tp}: raise "

@@ -36,16 +36,23 @@ def build_datasets(cfg: Config, derived: Derived, tokenizer, run_dir: Path) -> D
         split=cfg.data.split,
         path_to_cache=str(cache),
         tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        # Attention is causal by mask type; no dense mask tensor travels with each sample.
-        create_attention_mask=False,
+        # Packed documents (megatron's GPTDataset finds the tokenizer's EOD in each sample).
+        reset_position_ids=cfg.data.reset_position_ids,
+        reset_attention_mask=cfg.data.reset_attention_mask,
+        eod_mask_loss=cfg.data.eod_mask_loss,
+        # Without document masking attention is causal by mask type (SDPA's is_causal fast path):
+        # no [s, s] mask is built or moved. With it, each sample carries its causal-and-same-document
+        # mask [1, s, s] (True = masked out).
+        create_attention_mask=cfg.data.reset_attention_mask,
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
         MockGPTDataset if cfg.data.mock else GPTDataset, [train_samples, valid_samples, None], lambda: True, config
     ).build()
     return Datasets(train=train, valid=valid)
+
+
+# What every micro-batch holds; "attention_mask" [b, 1, s, s] is added under data.reset_attention_mask.
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 class MicroBatches:
@@ -73,7 +80,8 @@ class MicroBatches:
         idx = [(start + j) % len(self.dataset) for j in range(self.mbs)]
         samples = [self.dataset[i] for i in idx]
         self.consumed_samples += self.mbs * self.dp_size
-        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        keys = BATCH_KEYS + (("attention_mask",) if "attention_mask" in samples[0] else ())
+        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
         if self.device.type == "cuda":
             batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
         return batch

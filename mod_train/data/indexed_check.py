@@ -70,3 +70,17 @@ def check_indexed_dataset(prefix: str, vocab_size: Optional[int]) -> None:
                 f"data.paths: '{bin_}' holds token id {top}, but the tokenizer (data.tokenizer_model) has only "
                 f"{vocab_size} ids: the data was tokenized with another (larger) tokenizer. Re-tokenize it with "
                 f"`mod-prep-data -t <data.tokenizer_model>` or point data.tokenizer_model at the tokenizer used.")
+
+
+def documents_end_with(prefix: str, eod: int, documents: int = 64) -> bool:
+    """Whether any of the first ``documents`` documents of ``prefix`` ends with token ``eod`` (data
+    tokenized with ``mod-prep-data --no-eod`` has no document boundary a mask could follow)."""
+    header, lengths, docs = read_index(prefix + ".idx")
+    # docs: sequence index where each document starts (megatron's layout, leading 0); a document's
+    # last token is the last token of the sequence before the next document starts.
+    ends = np.cumsum(lengths.astype(np.int64))
+    last_sequences = [int(d) - 1 for d in docs[1:documents + 1] if int(d) > 0]
+    if not last_sequences:
+        return False
+    data = np.memmap(prefix + ".bin", dtype=header.dtype, mode="r", shape=(int(ends[-1]),))
+    return any(int(data[ends[i] - 1]) == eod for i in last_sequences if lengths[i] > 0)

@@ -73,7 +73,9 @@ def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor, loss_factor:
 def make_forward_step(loss_factor: float = 1.0) -> Callable:
     def forward_step(data_iterator: Iterator[dict], model: ChunkView):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        # attention_mask: the per-sample document mask under data.reset_attention_mask, else None
+        # (causal by mask type). Every pipeline stage reads the batch, so each stage's layers get it.
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
         return output, lambda out: masked_mean_loss(batch["loss_mask"], out, loss_factor)
 
     return forward_step

@@ -112,7 +112,8 @@ def build_model_chunks(cfg: Config, derived: Derived) -> List[GPTModel]:
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
         model = GPTModel(
             config=config,
-            transformer_layer_spec=decoder_block_spec(m, derived, config, vp_stage=vp),
+            transformer_layer_spec=decoder_block_spec(m, derived, config, vp_stage=vp,
+                                                      document_mask=cfg.data.reset_attention_mask),
             vocab_size=derived.padded_vocab_size,
             max_sequence_length=m.seq_length,
             pre_process=pre,

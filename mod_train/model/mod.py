@@ -11,7 +11,9 @@ top-k tokens of each sequence only:
 
 Attention inside the layer runs over the gathered tokens in their original order with causal
 masking, so a routed token attends to earlier routed tokens only; rotary embeddings are indexed
-by the original positions. Top-k is not causal, so for sampling the layer also learns a causal
+by the original positions. With a document mask (``data.reset_attention_mask``) the mask's rows
+and columns are gathered at the routed positions too: a routed token attends to earlier routed
+tokens of its own document only. Top-k is not causal, so for sampling the layer also learns a causal
 decision: the router's own sigmoid (``causal=aux_loss``) or a small MLP on a stop-gradient copy
 of the input (``causal=predictor``), both trained with BCE against top-k membership.
 
@@ -94,6 +96,32 @@ def gather_rope(rotary_pos_emb: Optional[torch.Tensor], idx: torch.Tensor) -> Op
         return None
     table = rotary_pos_emb[:, 0, 0, :]  # [s, d]
     return table[idx].transpose(0, 1).unsqueeze(2)  # [k, b, 1, d]
+
+
+def gather_mask(mask: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor]:
+    """megatron's attention mask [b or 1, 1, s, s] (True = masked out) -> the mask among the routed
+    tokens [b, 1, k, k]: row i, column j of the result is the mask of positions idx[i], idx[j]."""
+    if mask is None:
+        return None
+    b, k = idx.shape
+    mask = mask.expand(b, -1, -1, -1)
+    heads, s = mask.size(1), mask.size(-1)
+    rows = torch.gather(mask, 2, idx[:, None, :, None].expand(b, heads, k, s))  # [b, 1, k, s]
+    return torch.gather(rows, 3, idx[:, None, None, :].expand(b, heads, k, k))  # [b, 1, k, k]
+
+
+def pad_mask_to_multiple(mask: torch.Tensor, multiple: int) -> torch.Tensor:
+    """The mask [b, 1, n, n] of ``pad_to_multiple``'s n tokens, extended to its padded copies: no
+    real token sees a copy, a copy sees what the last real token sees (never an empty row, whose
+    softmax would be NaN; the copies' outputs are dropped)."""
+    n = mask.size(-1)
+    pad = (-n) % multiple
+    if pad == 0:
+        return mask
+    hidden = mask.new_ones(*mask.shape[:-1], pad)
+    real = torch.cat([mask, hidden], dim=-1)  # [b, 1, n, n + pad]
+    copies = real[..., -1:, :].expand(*real.shape[:-2], pad, n + pad)
+    return torch.cat([real, copies], dim=-2)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -284,7 +312,7 @@ class MoDTransformerLayer(TransformerLayer, RoutingStatsSource, HasRoutingStash)
         dist.broadcast(wire, src=ps.get_tensor_model_parallel_src_rank(), group=self.tp_group)
         return wire.bool() if decision.dtype == torch.bool else wire
 
-    def forward(self, hidden_states: torch.Tensor, *args, rotary_pos_emb=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, rotary_pos_emb=None, attention_mask=None, **kwargs):
         sp = self._sequence_parallel()
         # Routing sees the whole sequence: undo the sequence-parallel split. Everything outside the
         # block is computed identically on every TP rank, so the backward just keeps this rank's slice.
@@ -292,26 +320,31 @@ class MoDTransformerLayer(TransformerLayer, RoutingStatsSource, HasRoutingStash)
              if sp else hidden_states)
         logits = self.router.scores(x)  # [b, s]
         if self.routing == "causal":
-            out = self._forward_causal(x, logits, rotary_pos_emb, *args, **kwargs)
+            out = self._forward_causal(x, logits, rotary_pos_emb, attention_mask, *args, **kwargs)
         else:
-            out = self._forward_topk(x, logits, rotary_pos_emb, *args, **kwargs)
+            out = self._forward_topk(x, logits, rotary_pos_emb, attention_mask, *args, **kwargs)
         if sp:
             out = tensor_parallel.scatter_to_sequence_parallel_region(out)
         return out, None
 
-    def _block(self, selected: torch.Tensor, rope, *args, **kwargs) -> torch.Tensor:
+    def _block(self, selected: torch.Tensor, rope, mask, *args, **kwargs) -> torch.Tensor:
+        """The wrapped layer over the routed tokens ``selected`` [n, b, h], with their rope rows and
+        attention mask [b, 1, n, n] (None: causal by mask type)."""
         if not self._sequence_parallel():
-            out, _ = super().forward(selected, *args, rotary_pos_emb=rope, **kwargs)
+            out, _ = super().forward(selected, *args, rotary_pos_emb=rope, attention_mask=mask, **kwargs)
             return out
         # Sequence parallel splits the routed tokens over TP ranks. A count that does not divide
         # (a shorter sequence, causal routing) is padded with copies of the last token placed after
-        # every real one: causal attention keeps them invisible, and their outputs are dropped.
+        # every real one: causal attention (or the padded document mask) keeps them invisible, and
+        # their outputs are dropped.
         n, tp = selected.size(0), self.config.tensor_model_parallel_size
         selected = pad_to_multiple(selected, tp)
         if rope is not None:
             rope = pad_to_multiple(rope, tp)
+        if mask is not None:
+            mask = pad_mask_to_multiple(mask, tp)
         selected = tensor_parallel.scatter_to_sequence_parallel_region(selected)
-        out, _ = super().forward(selected, *args, rotary_pos_emb=rope, **kwargs)
+        out, _ = super().forward(selected, *args, rotary_pos_emb=rope, attention_mask=mask, **kwargs)
         out = tensor_parallel.gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
         return out[:n]
 
@@ -331,21 +364,22 @@ class MoDTransformerLayer(TransformerLayer, RoutingStatsSource, HasRoutingStash)
             return scatter_tokens(x, idx, block_out, add=False)
         return scatter_tokens(x, idx, delta, add=True)
 
-    def _forward_topk(self, x, logits, rotary_pos_emb, *args, **kwargs) -> torch.Tensor:
+    def _forward_topk(self, x, logits, rotary_pos_emb, mask, *args, **kwargs) -> torch.Tensor:
         s = x.size(0)
         k = self.k_for(s)
         phase = recompute_pass(self.training)
         if k == s:
             # Capacity 1.0: top-k keeps every token in order, so gather/scatter are the identity;
             # skipping them gives the same numbers at the cost of the dense layer plus the router.
-            block_out = self._block(x, rotary_pos_emb, *args, **kwargs)
+            block_out = self._block(x, rotary_pos_emb, mask, *args, **kwargs)
             delta = self._weighted_update(x, block_out, logits)
             out = block_out if delta is None else x + delta.to(x.dtype)
             target = torch.ones_like(logits)
         else:
             idx = self._select(logits, k, phase)
             selected = gather_tokens(x, idx)
-            block_out = self._block(selected, gather_rope(rotary_pos_emb, idx), *args, **kwargs)
+            block_out = self._block(selected, gather_rope(rotary_pos_emb, idx), gather_mask(mask, idx),
+                                    *args, **kwargs)
             out = self.combine(x, idx, selected, block_out, torch.gather(logits, 1, idx))
             # Top-k membership, the target of the causal decision (carries no gradient).
             target = torch.zeros_like(logits).scatter_(1, idx, 1.0)
@@ -370,7 +404,7 @@ class MoDTransformerLayer(TransformerLayer, RoutingStatsSource, HasRoutingStash)
             self.routing_stash.push(idx)
         return idx
 
-    def _forward_causal(self, x, logits, rotary_pos_emb, *args, **kwargs) -> torch.Tensor:
+    def _forward_causal(self, x, logits, rotary_pos_emb, mask, *args, **kwargs) -> torch.Tensor:
         """Route each token by its own causal decision (variable count per sequence)."""
         decide = self._agree(self.router.causal_decision(self.router.causal_logits(x, logits)))
         outs = []
@@ -381,7 +415,8 @@ class MoDTransformerLayer(TransformerLayer, RoutingStatsSource, HasRoutingStash)
                 outs.append(xb)
                 continue
             selected = gather_tokens(xb, idx)
-            block_out = self._block(selected, gather_rope(rotary_pos_emb, idx), *args, **kwargs)
+            mask_b = None if mask is None else gather_mask(mask[b: b + 1] if mask.size(0) > 1 else mask, idx)
+            block_out = self._block(selected, gather_rope(rotary_pos_emb, idx), mask_b, *args, **kwargs)
             outs.append(self.combine(xb, idx, selected, block_out, torch.gather(logits[b: b + 1], 1, idx)))
         return torch.cat(outs, dim=1)
 

@@ -37,11 +37,13 @@ def _use_transformer_engine() -> bool:
     return True
 
 
-def base_layer_spec(model: ModelConfig, moe: bool, mod_seq_length: int | None = None) -> ModuleSpec:
+def base_layer_spec(model: ModelConfig, moe: bool, mod_seq_length: int | None = None,
+                    document_mask: bool = False) -> ModuleSpec:
     """The dense (or MoE) transformer layer spec from megatron-core.
 
     MoE layers use moe.py's observed layer/router and EP-independent experts (mode.py's no-op
     expert router for integrated MoDE); ``mod_seq_length`` marks the MoE layer of a MoD layer.
+    ``document_mask``: batches carry a per-sample attention mask (``data.reset_attention_mask``).
     """
     num_experts = model.moe.num_experts if moe else None
     if _use_transformer_engine():
@@ -52,6 +54,12 @@ def base_layer_spec(model: ModelConfig, moe: bool, mod_seq_length: int | None = 
         spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts, normalization=model.normalization))
         # megatron-core's local attention materialises masks with CUDA-only helpers; SDPA is both
         # portable and the fast kernel (see attention.py).
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if document_mask and spec.submodules.self_attention.submodules.core_attention is not SDPAttention:
+        # TE's attention is built with the causal mask type, under which it ignores a given mask
+        # (its document masking takes packed THD sequences, which MoD's gathered tokens are not):
+        # SDPA applies the per-sample mask; TE's linears and norms stay.
+        spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if moe:
         from mod_train.model.moe import moe_mlp_spec
@@ -80,13 +88,14 @@ def final_layer_norm(model: ModelConfig):
     return LocalSpecProvider().layer_norm(rms_norm=model.normalization == "RMSNorm", for_qk=False)
 
 
-def layer_specs(model: ModelConfig, derived: Derived) -> List[ModuleSpec]:
+def layer_specs(model: ModelConfig, derived: Derived, document_mask: bool = False) -> List[ModuleSpec]:
     """One spec per global layer index 0..num_layers-1."""
     specs: List[ModuleSpec] = []
     mod_capacity = dict(zip(derived.mod_layers, derived.mod_capacities))
     for idx in range(model.num_layers):
         spec = base_layer_spec(model, moe=idx in derived.moe_layers,
-                               mod_seq_length=model.seq_length if idx in mod_capacity else None)
+                               mod_seq_length=model.seq_length if idx in mod_capacity else None,
+                               document_mask=document_mask)
         if idx in mod_capacity:
             # Mixture-of-Depths: the layer's block only sees the top-k tokens (mod.py).
             from mod_train.model.mod import mod_layer_spec
@@ -98,10 +107,11 @@ def layer_specs(model: ModelConfig, derived: Derived) -> List[ModuleSpec]:
 
 
 def decoder_block_spec(
-    model: ModelConfig, derived: Derived, config: TransformerConfig, vp_stage: int | None = None
+    model: ModelConfig, derived: Derived, config: TransformerConfig, vp_stage: int | None = None,
+    document_mask: bool = False,
 ) -> TransformerBlockSubmodules:
     """The specs of the layers that live on this pipeline stage (and virtual stage)."""
-    specs = layer_specs(model, derived)
+    specs = layer_specs(model, derived, document_mask)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     layer_norm = final_layer_norm(model)
