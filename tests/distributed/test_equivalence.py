@@ -58,6 +58,24 @@ CASES = {
                        {"tp": 2, "ep": 2, "dp": 2}),
     "moe_tp2_sp_ep2_allgather": (4, "moe", ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2",
                                             "model.moe.token_dispatcher=allgather"], {"tp": 2, "ep": 2}),
+    # Activation recomputation (model.recompute) against the reference without it. Layer 0 of the
+    # mod and moe models is dense, so every case also recomputes a dense layer. Full: the MoD layer
+    # reuses its forward's top-k set in the recompute, under the TP broadcast, the 1F1B schedule
+    # (4 micro-batches in flight) and ZeRO-3's re-gathered parameters.
+    "mod_recompute_full_tp2_sp": (2, "mod", ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                             "model.recompute.granularity=full", "model.recompute.num_layers=2"],
+                                  {"tp": 2, "sequence_parallel": True}),
+    "mod_recompute_full_pp2": (2, "mod", ["parallel.pp=2", "model.recompute.granularity=full",
+                                          "model.recompute.method=block"], {"pp": 2}),
+    "mod_recompute_full_dp2_zero3": (2, "mod", ["parallel.zero_stage=3", "model.recompute.granularity=full"],
+                                     {"dp": 2, "zero_stage": 3}),
+    "mod_recompute_selective_pp2": (2, "mod", ["parallel.pp=2", "model.recompute.granularity=selective",
+                                               "model.recompute.modules=[core_attn,mlp]"], {"pp": 2}),
+    "moe_recompute_full_tp2_sp": (2, "moe", ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                             "model.recompute.granularity=full"], {"tp": 2, "ep": 1}),
+    "moe_recompute_selective_tp2_sp": (2, "moe", ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                  "model.recompute.granularity=selective",
+                                                  "model.recompute.modules=[core_attn,mlp,moe]"], {"tp": 2, "ep": 1}),
 }
 
 
@@ -112,11 +130,13 @@ def test_layout_matches_single_process(equivalence_runs, case):
 
 @pytest.mark.slow
 def test_mod_routing_stats_match(equivalence_runs):
-    """MoD routing decisions (a discrete top-k) come out the same under TP, TP+SP and PP."""
+    """MoD routing decisions (a discrete top-k) come out the same under TP, TP+SP and PP, and with
+    activation recomputation."""
     key = "mod/layer2/causal_acc"
     want = losses(equivalence_runs / "ref_mod", key)
     assert sorted(want) == list(range(1, STEPS + 1))
-    for case in ("mod_tp2", "mod_tp2_sp", "mod_pp2"):
+    for case in ("mod_tp2", "mod_tp2_sp", "mod_pp2", "mod_recompute_full_tp2_sp", "mod_recompute_full_pp2",
+                 "mod_recompute_full_dp2_zero3", "mod_recompute_selective_pp2"):
         got = losses(equivalence_runs / case, key)
         assert sorted(got) == sorted(want), case
         for step in want:
