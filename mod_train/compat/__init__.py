@@ -4,8 +4,9 @@ megatron-core assumes CUDA in a handful of places that the GPT training path rea
 ``torch.cuda.current_device()`` used as a tensor device, ``device="cuda"`` literals, CUDA RNG
 state in the tensor-parallel RNG tracker, CUDA streams in the MoE all-to-all dispatcher,
 ``torch.cuda.synchronize()`` around pipeline p2p, one ``Tensor.cuda()`` call, split sizes that the
-alltoall dispatcher only converts to numpy for CUDA tensors, the uneven all-gather / reduce-scatter
-it does over TP ranks (which gloo lacks), and two "no Transformer Engine / no Apex" gaps (an
+alltoall dispatcher only converts to numpy for CUDA tensors, the router's expert-bias counter
+that megatron hands to ``torch.compile`` (a C++ build per process on CPU), the uneven all-gather /
+reduce-scatter it does over TP ranks (which gloo lacks), and two "no Transformer Engine / no Apex" gaps (an
 unbound ``te_general_gemm`` and a torch norm wrapper that refuses sequence parallelism).
 
 This package adapts exactly those sites and nothing else, one module per family:
@@ -13,7 +14,7 @@ This package adapts exactly those sites and nothing else, one module per family:
 =====================  ==============================================================
 ``torch_shim.py``      the CPU ``torch`` namespace a patched megatron module sees
 ``rng.py``             rng-state, rng-seed, rng-fork-warning
-``moe.py``             moe-alltoall-splits
+``moe.py``             moe-alltoall-splits, moe-expert-bias-compile
 ``sequence_parallel``  torch-norm-sequence-parallel, uneven-sequence-parallel-gloo
 ``device_sites.py``    cuda-device:<module> (a table), tied-embedding-cuda
 ``no_te.py``           moe-te-general-gemm: NOT about the CPU; needed wherever TE is missing

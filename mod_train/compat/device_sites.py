@@ -45,8 +45,11 @@ DEVICE_SITES: Tuple[Tuple[str, Tuple[str, ...], str], ...] = (
      ("device=torch.cuda.current_device()", "torch.cuda.synchronize()"),
      "p2p receive buffers and the post-batch_isend_irecv synchronize"),
     ("megatron.core.transformer.moe.router",
-     ("self.weight.data = self.weight.data.to(device=torch.cuda.current_device())",),
-     "Router.gating moves its CPU-initialised weight to the current CUDA device"),
+     ("self.weight.data = self.weight.data.to(device=torch.cuda.current_device())",
+      "'expert_bias',\n                torch.zeros(\n                    self.config.num_moe_experts,\n"
+      "                    dtype=torch.float32,\n                    device=torch.cuda.current_device(),"),
+     "Router.gating moves its CPU-initialised weight to the current CUDA device; TopKRouter allocates "
+     "the expert-bias buffers (model.moe.load_balancing=expert_bias) there"),
     ("megatron.core.transformer.moe.token_dispatcher",
      ("MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = torch.cuda.Stream()",
       "with torch.cuda.stream(self.cuda_dtoh_stream):",

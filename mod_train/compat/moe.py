@@ -1,4 +1,6 @@
-"""MoE family: the alltoall token dispatcher's CUDA-only handling of its split sizes."""
+"""MoE family: the alltoall token dispatcher's CUDA-only handling of its split sizes, and the expert-bias
+counter that megatron hands to torch.compile (20-40 s of C++
+compilation per launch on CPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from typing import Tuple
 
 import torch
 
-from mod_train.compat.patch import Family, Patch, is_marked, mark, module, require_attr, set_attr, upstream_attr
+from mod_train.compat.patch import Family, Patch, UpstreamChanged, is_marked, mark, module, require_attr, \
+    set_attr, upstream_attr
 
 __all__ = ["PATCHES"]
 
@@ -47,7 +50,33 @@ def _check_moe_alltoall_splits() -> None:
                  "self.ep_group, permutated_local_input_tokens, self.output_splits, self.input_splits")
 
 
+# moe-expert-bias-compile: TopKRouter._apply_expert_bias (model.moe.load_balancing=expert_bias; one
+# in-place add of the routing counts) is decorated with megatron's `jit_fuser`, which is
+# `torch.compile` on torch >= 2.2. On a CPU-only setup inductor generates and compiles C++ for it
+# on the first training forward of every process: 20-40 s per launch on 2 cores, for an op that
+# takes microseconds eagerly. Bind the function torch.compile wrapped (the same code, eager).
+_ROUTER = "megatron.core.transformer.moe.router"
+
+
+def _apply_moe_expert_bias_compile() -> None:
+    router = module(_ROUTER).TopKRouter
+    compiled = upstream_attr(router, "_apply_expert_bias")
+    eager = getattr(compiled, "_torchdynamo_orig_callable", None)
+    if eager is not None and router._apply_expert_bias is compiled:
+        set_attr(router, "_apply_expert_bias", eager)
+
+
+def _check_moe_expert_bias_compile() -> None:
+    router = module(_ROUTER).TopKRouter
+    require_attr(router, "_apply_expert_bias", "@jit_fuser", "self.local_tokens_per_expert += routing_map.sum(dim=0)")
+    if not hasattr(upstream_attr(router, "_apply_expert_bias"), "_torchdynamo_orig_callable"):
+        raise UpstreamChanged(f"{_ROUTER}.TopKRouter._apply_expert_bias is no longer a torch.compile'd function; "
+                              "re-check the mod_train.compat patch moe-expert-bias-compile")
+
+
 PATCHES: Tuple[Patch, ...] = (
     Patch("moe-alltoall-splits", Family.moe, f"{_TOKEN_DISPATCHER}.maybe_move_tensor_to_cpu",
           _apply_moe_alltoall_splits, _check_moe_alltoall_splits),
+    Patch("moe-expert-bias-compile", Family.moe, f"{_ROUTER}.TopKRouter._apply_expert_bias (torch.compile'd)",
+          _apply_moe_expert_bias_compile, _check_moe_expert_bias_compile),
 )

@@ -38,7 +38,7 @@ class Family(str, Enum):
     """Why a patch exists; one module of ``mod_train.compat`` per family."""
 
     rng = "rng"  # CUDA RNG state/seed in megatron's tensor-parallel RNG tracker
-    moe = "moe"  # MoE token dispatcher assumptions about CUDA tensors
+    moe = "moe"  # MoE token dispatcher assumptions about CUDA tensors; a torch.compile'd router op
     sequence_parallel = "sequence-parallel"  # SP collectives and norms without NCCL / Apex / TE
     device_site = "device-site"  # `torch.cuda` / `device="cuda"` / `.cuda()` on the training path
     # Not about the CPU: a gap when Transformer Engine is not installed, on any device.

@@ -51,6 +51,17 @@ class TokenDispatcher(Choice):
     allgather = "allgather"
 
 
+class LoadBalancing(Choice):
+    """How an MoE router keeps its experts evenly loaded (megatron-core's implementations)."""
+
+    aux_loss = "aux_loss"  # GShard/Switch load-balancing loss over the micro-batch
+    seq_aux_loss = "seq_aux_loss"  # the same loss per sequence (DeepSeek-V2/V3)
+    # Aux-loss-free (arXiv 2408.15664): a per-expert bias added to the sigmoid scores for the top-k
+    # selection only, moved by bias_update_rate after each applied step towards balanced load.
+    expert_bias = "expert_bias"
+    none = "none"  # no balancing
+
+
 class MoDEMode(Choice):
     """MoDE variants (MoD paper §3.5)."""
 
@@ -198,6 +209,15 @@ class MoEConfig:
     # token can send all its top_k slots to no-ops and skip the MLP entirely (one column cannot:
     # top-k picks distinct columns).
     num_noop_experts: Optional[int] = None
+    # aux_loss | seq_aux_loss (both weighted by aux_loss_coeff) | expert_bias | none. expert_bias
+    # scores experts with a sigmoid (megatron requires it) and ignores aux_loss_coeff.
+    load_balancing: LoadBalancing = LoadBalancing.aux_loss
+    # expert_bias: each applied step moves every expert's bias by this much (sign of its load
+    # deficit over the global batch); megatron's moe_router_bias_update_rate.
+    bias_update_rate: float = 1e-3
+    # megatron-core's grouped expert MLP (TEGroupedMLP: one grouped GEMM for all local experts)
+    # where Transformer Engine provides it; elsewhere the sequential experts, said once at start.
+    grouped_gemm: bool = False
 
 
 @dataclass

@@ -294,6 +294,11 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
             _require(m.moe.num_noop_experts >= 1,
                      f"model.moe.num_noop_experts={m.moe.num_noop_experts} must be >= 1 (null: top_k, so a token "
                      f"can skip its MLP entirely).")
+        if m.moe.load_balancing == "expert_bias":
+            _require(m.moe.bias_update_rate > 0,
+                     f"model.moe.load_balancing=expert_bias needs model.moe.bias_update_rate > 0 (megatron's "
+                     f"moe_router_bias_update_rate, e.g. 1e-3), got {m.moe.bias_update_rate}. Use "
+                     f"model.moe.load_balancing=none for routing without any balancing.")
         if m.moe.mode == "staged":
             _require(m.mod.enabled and bool(set(mod_layers) & set(moe_layers)),
                      f"model.moe.mode=staged (MoD routing around an MoE layer) needs layers that are both MoD and "
@@ -316,6 +321,10 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         _require(par.ep == 1, f"parallel.ep={par.ep} but the model has no experts (model.moe.num_experts=0).")
         _require(m.moe.mode == "none",
                  f"model.moe.mode={m.moe.mode} needs experts: set model.moe.num_experts > 0.")
+        _require(m.moe.load_balancing == "aux_loss" and not m.moe.grouped_gemm,
+                 f"model.moe.load_balancing={m.moe.load_balancing} / model.moe.grouped_gemm={m.moe.grouped_gemm} "
+                 f"configure MoE layers, and the model has none: set model.moe.num_experts > 0 (e.g. model=tiny_moe) "
+                 f"or drop these overrides.")
 
     _validate_recompute(cfg, moe_layers)
 

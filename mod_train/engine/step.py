@@ -17,6 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mod_train.engine.update_policy import StepCheck, UpdatePolicy, Verdict
 from mod_train.model.aux_losses import AuxLossRecorder
+from mod_train.model.expert_bias import ExpertBiasUpdater
 from mod_train.tracking import keys as K
 from mod_train.model.mod import CausalThresholdCalibrator, causal_routing, mod_layers_of
 from mod_train.model.recompute import check_drained, stashes_of
@@ -123,6 +124,7 @@ class StepRunner:
         self.forward_step = make_forward_step()
         chunks = [v.module for v in self.views]
         self.calibrator = CausalThresholdCalibrator(chunks)
+        self.expert_bias = ExpertBiasUpdater(chunks)
         self.has_mod = bool(mod_layers_of(chunks))
         self.routing_stashes = stashes_of(chunks)  # MoD selections kept for full recomputation
 
@@ -209,8 +211,9 @@ class StepRunner:
                    loss_factor: float = 1.0) -> StepMetrics:
         """Forward/backward over the step's micro-batches, then the update unless ``policy`` (asked
         with what all ranks agreed on, before ``engine.step()``) skips it. ``metrics.verdict`` says
-        what happened; a skipped update leaves weights, optimizer state, LR schedule and the MoD
-        threshold calibrator as they were. ``loss_factor``: a test's injected fault (NaN, spike)."""
+        what happened; a skipped update leaves weights, optimizer state, LR schedule, the MoD
+        threshold calibrator and the MoE expert bias as they were. ``loss_factor``: a test's
+        injected fault (NaN, spike)."""
         for v in self.views:
             v.train()
         check_drained(self.routing_stashes, f"before training step {step}")
@@ -236,8 +239,10 @@ class StepRunner:
             self.discard_update()
         if not verdict.applied:
             self.calibrator.discard()
+            self.expert_bias.discard()
         else:
             self.calibrator.update()  # the MoD causal threshold learns from applied steps only
+            self.expert_bias.update()  # so does the MoE expert bias (megatron: finalize_model_grads)
             grad_norm = self.engine.get_global_grad_norm()  # None under ZeRO 0 (DeepSpeed keeps it internal)
             if grad_norm is not None:
                 metrics.extra[K.GRAD_NORM] = grad_norm

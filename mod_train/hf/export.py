@@ -55,6 +55,11 @@ def choose_target(cfg, derived) -> Tuple[HFTarget, str]:
         raise HFExportError(f"model.moe.capacity_factor={m.moe.capacity_factor}: megatron drops tokens depending "
                             "on the whole batch, which no per-token Hugging Face model reproduces; export a "
                             "dropless (capacity_factor=null) model")
+    if m.moe.num_experts > 0 and m.moe.load_balancing == "expert_bias":
+        raise HFExportError("model.moe.load_balancing=expert_bias: the router picks experts by sigmoid score plus "
+                            "a trained per-expert bias, which neither Mixtral nor the exported mod_train classes "
+                            "(softmax top-k) reproduce; export a model trained with load_balancing aux_loss, "
+                            "seq_aux_loss or none")
     if m.mod.enabled:
         return HFTarget.mod_train, "Mixture-of-Depths layers (causal routing) have no stock class"
     stock = m.normalization == "RMSNorm" and m.activation == "swiglu" and m.position_embedding == "rope"

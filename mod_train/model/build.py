@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import List
 
 import torch
@@ -10,9 +11,25 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mod_train.config.schema import Config, RecomputeConfig
+from mod_train.config.schema import Config, MoEConfig, RecomputeConfig
 from mod_train.config.validate import Derived
+from mod_train.model.expert_mlp import choose_expert_mlp, describe
 from mod_train.model.specs import decoder_block_spec
+
+log = logging.getLogger(__name__)
+
+
+def load_balancing_kwargs(moe: MoEConfig) -> dict:
+    """megatron's router settings for ``model.moe.load_balancing``."""
+    if moe.load_balancing == "expert_bias":
+        # Aux-loss-free balancing: megatron adds the bias to sigmoid scores for the top-k choice
+        # only (it requires the sigmoid score function); the combine weights stay the scores.
+        # The bias is moved after each applied step by model/expert_bias.py.
+        return dict(moe_router_load_balancing_type="none", moe_router_score_function="sigmoid",
+                    moe_router_enable_expert_bias=True, moe_router_bias_update_rate=moe.bias_update_rate)
+    return dict(moe_router_load_balancing_type=str(moe.load_balancing),
+                # megatron-core requires it for top-1 (a softmax over one selected logit has no gradient).
+                moe_router_pre_softmax=moe.top_k == 1)
 
 
 def recompute_kwargs(rc: RecomputeConfig) -> dict:
@@ -40,10 +57,9 @@ def transformer_config(cfg: Config, derived: Derived) -> TransformerConfig:
             moe_token_dispatcher_type=m.moe.token_dispatcher,
             moe_ffn_hidden_size=m.moe.ffn_hidden_size or derived.ffn_hidden_size,
             moe_shared_expert_intermediate_size=m.moe.shared_expert_ffn_hidden_size,
-            moe_router_load_balancing_type="aux_loss",
-            # megatron-core requires it for top-1 (a softmax over one selected logit has no gradient).
-            moe_router_pre_softmax=m.moe.top_k == 1,
-            moe_grouped_gemm=False,
+            **load_balancing_kwargs(m.moe),
+            # TEGroupedMLP where TE's grouped GEMM is importable, else SequentialMLP (expert_mlp.py).
+            moe_grouped_gemm=choose_expert_mlp(m.moe.grouped_gemm).grouped,
             # Router logits, softmax and top-k in fp32 whatever the training precision (bf16 logits tie).
             moe_router_dtype="fp32",
         )
@@ -104,6 +120,10 @@ def build_model_chunks(cfg: Config, derived: Derived) -> List[GPTModel]:
     """
     config = transformer_config(cfg, derived)
     m = cfg.model
+    if m.moe.num_experts > 0 and m.moe.grouped_gemm:
+        choice = choose_expert_mlp(True)
+        # A fallback is a warning: the run is slower than asked for (shown on rank 0 only).
+        (log.info if choice.grouped else log.warning)(describe(choice))
     vpp = cfg.parallel.vpp or 1
     chunks = []
     for vp_stage in range(vpp):

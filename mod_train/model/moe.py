@@ -8,8 +8,10 @@ Three small megatron-core subclasses, put into the layer spec by ``specs.py``:
   host sync), under ``moe/layer{n}/``: ``load_e{i}`` (share of the top-k routing slots that went to
   expert i), ``load_max`` (the busiest expert's share x number of experts: 1.0 is perfectly
   balanced), ``dropped_frac`` (slots dropped by the capacity factor; only when it is set),
-  ``aux_loss`` (load-balancing loss, before its coefficient), ``z_loss`` (mean squared logsumexp of
-  the router logits), and in a staged-MoDE layer ``skip_frac`` (share of the sequence that the
+  ``aux_loss`` (load-balancing loss, aux_loss or seq_aux_loss, before its coefficient), ``z_loss``
+  (mean squared logsumexp of the router logits), ``expert_bias_max_abs`` (with
+  ``load_balancing=expert_bias``: the largest |bias| of a real expert; ``expert_bias.py`` moves it),
+  and in a staged-MoDE layer ``skip_frac`` (share of the sequence that the
   enclosing MoD router sent around the block). It also counts slots per expert for the routing
   heatmap written at checkpoints (:func:`gather_routing_loads` computes the shares; the drawing is
   ``mod_train.tracking.plots.plot_routing_heatmap``).
@@ -19,7 +21,8 @@ Three small megatron-core subclasses, put into the layer spec by ``specs.py``:
   experts from the same stream, which makes the experts of different EP ranks identical and the
   EP=2 model differ from the EP=1 model. The layer seed is one draw from the default generator
   (the same for every EP size) and the experts are built inside a forked RNG state, so the rest of
-  the model is drawn identically for every EP size too.
+  the model is drawn identically for every EP size too. :class:`SeededTEGroupedMLP` does the same
+  for megatron's grouped-GEMM experts (``model.moe.grouped_gemm``, see ``expert_mlp.py``).
 
 Integrated MoDE (a no-op expert in the router) builds on these in ``mode.py``.
 """
@@ -31,7 +34,7 @@ import logging
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 
@@ -62,7 +65,7 @@ class ObservedRouter(TopKRouter):
 
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss, aux_loss_name,
                                            reduce_group, reduce_group_has_dp=False, valid_token_count=None):
-        if aux_loss_name == "load_balancing_loss":
+        if aux_loss_name in ("load_balancing_loss", "seq_load_balancing_loss"):
             self.last_aux_loss = (aux_loss / aux_loss_coeff).detach()
         return super().attach_and_log_load_balancing_loss(
             activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
@@ -122,6 +125,9 @@ class ObservedMoELayer(MoELayer, RoutingStatsSource):
             stats[f"{prefix}/aux_loss"] = aux
         if z is not None:
             stats[f"{prefix}/z_loss"] = z
+        bias = getattr(self.router, "expert_bias", None)
+        if bias is not None:  # load_balancing=expert_bias: how far the bias has moved the selection
+            stats[f"{prefix}/expert_bias_max_abs"] = bias[:n_real].abs().max()
         stats.update(self._extra_stats(prefix, share, hidden_states))
         self.router.last_aux_loss = self.router.last_z_loss = None
         self.publish_stats(stats)
@@ -148,12 +154,20 @@ def _expert_seed(layer_seed: int, global_expert: int, linear: int) -> int:
 def _redraw_linear(linear: torch.nn.Module, init_method, seed: int, tp_rank: int, tp_size: int) -> None:
     """Re-draw a (column- or row-) parallel linear's weight as megatron's CPU initialisation does
     (the full master weight, then this rank's TP slice), from a generator seeded with ``seed``."""
+    weight = linear.weight
+    _redraw_weight(weight, init_method, seed, tp_rank, tp_size, getattr(weight, "partition_dim", 0),
+                   getattr(weight, "partition_stride", 1),
+                   getattr(weight, "tensor_model_parallel", False) and tp_size > 1)
+    bias = getattr(linear, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        with torch.no_grad():
+            bias.zero_()
+
+
+def _redraw_weight(weight: torch.Tensor, init_method, seed: int, tp_rank: int, tp_size: int, partition_dim: int,
+                   stride: int, tensor_parallel: bool) -> None:
     from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 
-    weight = linear.weight
-    partition_dim = getattr(weight, "partition_dim", 0)
-    stride = getattr(weight, "partition_stride", 1)
-    tensor_parallel = getattr(weight, "tensor_model_parallel", False) and tp_size > 1
     world = tp_size if tensor_parallel else 1
     full = list(weight.shape)
     full[partition_dim] *= world
@@ -163,10 +177,6 @@ def _redraw_linear(linear: torch.nn.Module, init_method, seed: int, tp_rank: int
             weight, full[0], full[1], weight.shape[partition_dim], partition_dim, init_method, stride=stride,
             params_dtype=weight.dtype, rank=tp_rank if tensor_parallel else 0, world_size=world,
             skip_set_tensor_parallel_attributes=True)
-    bias = getattr(linear, "bias", None)
-    if isinstance(bias, torch.Tensor):
-        with torch.no_grad():
-            bias.zero_()
 
 
 class SeededSequentialMLP(SequentialMLP):
@@ -188,6 +198,33 @@ class SeededSequentialMLP(SequentialMLP):
             _redraw_linear(expert.linear_fc1, self.config.init_method, _expert_seed(layer_seed, g, 1), tp_rank, tp_size)
             _redraw_linear(expert.linear_fc2, self.config.output_layer_init_method, _expert_seed(layer_seed, g, 2),
                            tp_rank, tp_size)
+
+
+class SeededTEGroupedMLP(TEGroupedMLP):
+    """megatron's grouped-GEMM experts (``model.moe.grouped_gemm``, see expert_mlp.py) drawn like
+    :class:`SeededSequentialMLP`: expert g's fc1/fc2 get the same weights as sequential expert g
+    (same seeds, megatron's CPU initialisation, the SwiGLU fc1 interleaved with stride 2 as
+    megatron's MLP does), so grouped and sequential models start equal under every EP size."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
+        from megatron.core.utils import get_pg_rank, get_pg_size
+
+        layer_seed = int(torch.randint(0, 2**62, (1,)).item())
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+        if not self.config.perform_initialization:
+            return
+        first = get_pg_rank(self.ep_group) * num_local_experts
+        tp_rank, tp_size = get_pg_rank(self.tp_group), get_pg_size(self.tp_group)
+        fc1_stride = 2 if self.config.gated_linear_unit else 1
+        for local in range(num_local_experts):
+            g = first + local
+            # TE's grouped linears hold one weight per local expert, already this rank's TP slice:
+            # fc1 column-parallel (rows split), fc2 row-parallel (columns split).
+            _redraw_weight(getattr(self.linear_fc1, f"weight{local}"), self.config.init_method,
+                           _expert_seed(layer_seed, g, 1), tp_rank, tp_size, 0, fc1_stride, tp_size > 1)
+            _redraw_weight(getattr(self.linear_fc2, f"weight{local}"), self.config.output_layer_init_method,
+                           _expert_seed(layer_seed, g, 2), tp_rank, tp_size, 1, 1, tp_size > 1)
 
 
 # ----------------------------------------------------------------------------- spec
@@ -217,6 +254,8 @@ def moe_mlp_spec(mlp_spec, layer_cls=ObservedMoELayer, router_cls=ObservedRouter
     experts = spec.submodules.experts
     if getattr(experts, "module", None) is SequentialMLP:
         experts.module = SeededSequentialMLP
+    elif getattr(experts, "module", None) is TEGroupedMLP:
+        experts.module = SeededTEGroupedMLP
     if mod_seq_length:
         spec.params = {**(spec.params or {}), "mod_seq_length": mod_seq_length}
     return spec

@@ -49,7 +49,11 @@ def base_layer_spec(model: ModelConfig, moe: bool, mod_seq_length: int | None = 
     if _use_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
+        from mod_train.model.expert_mlp import choose_expert_mlp
+
+        # Grouped GEMM experts (TEGroupedMLP) exist only with TE, i.e. only in this branch.
+        grouped = moe and choose_expert_mlp(model.moe.grouped_gemm).grouped
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=grouped)
     else:
         spec = copy.deepcopy(get_gpt_layer_local_spec(num_experts=num_experts, normalization=model.normalization))
         # megatron-core's local attention materialises masks with CUDA-only helpers; SDPA is both

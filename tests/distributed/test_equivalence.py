@@ -33,6 +33,11 @@ MODELS = {
             "model.mod.capacity=0.25"],
     "tied": ["model.tie_embeddings=true"],
     "moe": ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.every=2", "model.moe.offset=1"],
+    # Packed documents: the MoD model (a dense and a MoD layer) with document masking, restarted
+    # learned positions (rope ignores position ids) and no loss after EOD, through the real GPTDataset.
+    "mod_docmask": ["model=tiny_mod", "model.num_layers=2", "model.hidden_size=32", "model.seq_length=32",
+                    "model.mod.capacity=0.25", "model.position_embedding=learned_absolute",
+                    "data.reset_attention_mask=true", "data.reset_position_ids=true", "data.eod_mask_loss=true"],
 }
 
 # name: (world size, model, overrides, expected layout in complete.json)
@@ -49,6 +54,10 @@ CASES = {
     "mod_tp2": (2, "mod", ["parallel.tp=2"], {"tp": 2}),
     "mod_tp2_sp": (2, "mod", ["parallel.tp=2", "parallel.sequence_parallel=true"], {"tp": 2, "sequence_parallel": True}),
     "mod_pp2": (2, "mod", ["parallel.pp=2"], {"pp": 2}),
+    # The document mask gathered at the routed tokens, split over TP ranks (SP) / sent to both stages.
+    "mod_docmask_tp2_sp": (2, "mod_docmask", ["parallel.tp=2", "parallel.sequence_parallel=true"],
+                           {"tp": 2, "sequence_parallel": True}),
+    "mod_docmask_pp2": (2, "mod_docmask", ["parallel.pp=2"], {"pp": 2}),
     "tp2_pp2": (4, "dense", ["parallel.tp=2", "parallel.pp=2"], {"tp": 2, "pp": 2, "dp": 1}),
     "dp2_tp2": (4, "dense", ["parallel.tp=2"], {"tp": 2, "dp": 2}),
     # MoE under TP needs SP (megatron); the alltoall dispatcher then moves uneven token counts

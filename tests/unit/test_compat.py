@@ -55,7 +55,7 @@ def test_upstream_check_passes(patch):
 
 
 def test_patch_names_unique_and_documented():
-    assert len(set(ALL_NAMES)) == len(ALL_NAMES) == 18
+    assert len(set(ALL_NAMES)) == len(ALL_NAMES) == 19
     assert all(p.target and isinstance(p.family, Family) for p in PATCHES)
     # The one adaptation that is not about the CPU is named as such, and only it.
     assert [(p.name, p.family) for p in PATCHES if not p.cpu_only] == [("moe-te-general-gemm", Family.no_te)]

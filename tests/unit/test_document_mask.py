@@ -106,6 +106,22 @@ def test_dense_logits_ignore_the_previous_document(megatron_tp1):
         torch.testing.assert_close(la[:, 6:], model(alone, pos, None)[:, :S - 6], rtol=1e-4, atol=1e-5)
 
 
+def test_forward_step_hands_the_batch_mask_to_the_model(megatron_tp1):
+    # The training step's forward (every pipeline stage runs it on the batch it reads).
+    from mod_train.engine.step import make_forward_step
+
+    model = build()
+    a, pos = packed(1), torch.arange(S).unsqueeze(0)
+    batch = {"tokens": a, "labels": a, "loss_mask": (a != EOD).float(), "position_ids": pos,
+             "attention_mask": document_mask(a, EOD)}
+    with torch.no_grad():
+        out, loss_fn = make_forward_step()(iter([batch]), model)
+        assert torch.equal(out, model(a, pos, batch["attention_mask"], labels=a))
+        assert not torch.allclose(out, model(a, pos, None, labels=a))
+    loss, _ = loss_fn(out)
+    torch.testing.assert_close(loss, out[a != EOD].mean())  # no loss where the input is EOD
+
+
 def test_reset_position_ids_with_learned_positions(megatron_tp1):
     model = build("model.position_embedding=learned_absolute")
     a = packed(1)
@@ -184,10 +200,12 @@ def test_mod_routed_tokens_attend_only_to_routed_tokens_of_their_document(megatr
     assert not torch.allclose(run(later, mask)[13], base[13])
 
 
-def test_mod_model_with_causal_routing_ignores_the_previous_document(megatron_tp1):
+@pytest.mark.parametrize("model_name", ["tiny_mod", "tiny_mode_staged", "tiny_mode_integrated"])
+def test_mod_model_with_causal_routing_ignores_the_previous_document(megatron_tp1, model_name):
     # With each token's own (causal) routing decision, a document's routing and logits cannot
-    # depend on the previous document at all: the whole-model version of the test above.
-    model = build("model=tiny_mod", "model.mod.capacity=0.25")
+    # depend on the previous document at all: the whole-model version of the test above. MoE layers
+    # (MoDE) route each token on its own (dropless) and ignore the mask.
+    model = build(f"model={model_name}", "model.mod.capacity=0.25")
     pos = torch.arange(S).unsqueeze(0)
     a, b = packed(1), packed(2)
     with torch.no_grad(), causal_routing([model]):
