@@ -277,9 +277,14 @@ def probe_env() -> dict:
     import pydantic
 
     sys.path.insert(0, str(BENCH))
+    sys.path.insert(0, str(REPO))
     from throughput import measured_matmul_tflops
 
+    from mod_train.model.fusions import decide, describe, probe
+
     cuda = torch.cuda.is_available()
+    # What the runs below decide at start (model/fusions.py) for the presets' swiglu/rope/RMSNorm.
+    fusions = describe(decide(probe(), activation="swiglu", position_embedding="rope", normalization="RMSNorm"))
     props = torch.cuda.get_device_properties(0) if cuda else None
     if not cuda:
         # DeepSpeed JIT-builds its CPU comm op in every process's first init; build it here, once,
@@ -297,7 +302,7 @@ def probe_env() -> dict:
             "megatron_from": str(Path(megatron.core.__file__).parent),
             # the best of two, as clocks ramp up during the first
             "peak_tflops": max(measured_matmul_tflops(cuda) for _ in range(2)),
-            "peak_dtype": "bf16 8192^3" if cuda else "fp32 1024^3"}
+            "peak_dtype": "bf16 8192^3" if cuda else "fp32 1024^3", "fusions": fusions}
 
 
 def part_env(ctx: Context) -> None:
@@ -604,6 +609,8 @@ def render_summary(results: dict) -> str:
                 f"torch {env.get('torch')} (CUDA {env.get('cuda')}), megatron-core {env.get('megatron_core')}, "
                 f"deepspeed {env.get('deepspeed')}, hydra {env.get('hydra')}, pydantic {env.get('pydantic')}. "
                 f"Measured matmul peak: **{fmt(env.get('peak_tflops'), '.1f')} TFLOP/s** ({env.get('peak_dtype')}).", ""]
+        if env.get("fusions"):
+            out += [f"Fused kernels as the runs decide them at start: {env['fusions'].removeprefix('fusions: ')}.", ""]
     out += ["## Parts", "", "| part | status | time share (s) | used (s) | note |", "|---|---|---:|---:|---|"]
     for name in PARTS:
         p = parts.get(name)

@@ -226,6 +226,8 @@ def build_run(cfg: Config, derived: Derived, stop_signals: Optional[StopSignals]
     from mod_train.model.aux_losses import AuxLossRecorder
     from mod_train.model.build import build_model_chunks, count_parameters
     from mod_train.model.flops import noop_columns, peak_tflops_for, train_flops_per_token
+    from mod_train.model.fusions import as_params as fusion_tags
+    from mod_train.model.fusions import describe as describe_fusions
     from mod_train.tracking.run_logger import open_run_logger
 
     env = init_distributed(cfg.parallel, cfg.train.seed)
@@ -241,6 +243,7 @@ def build_run(cfg: Config, derived: Derived, stop_signals: Optional[StopSignals]
     tokenizer = load_tokenizer(cfg.data.tokenizer_model, mock_vocab_size=cfg.model.vocab_size if cfg.data.mock else None)
     seed_everything(cfg.train.seed)
     chunks = build_model_chunks(cfg, derived)
+    say(describe_fusions(derived.fusions))  # decided once in validate (model/fusions.py)
     aux = AuxLossRecorder(chunks)
 
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
@@ -287,8 +290,11 @@ def build_run(cfg: Config, derived: Derived, stop_signals: Optional[StopSignals]
     run_logger = open_run_logger(
         cfg.tracking, run_dir, is_main=env.is_main, max_steps=cfg.train.max_steps, run_id=state.mlflow_run_id,
         config=to_plain_dict(cfg), resolved_yaml=OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+        # The fusion decisions are tags, not params: they follow the machine, which a resumed run
+        # may change (MLflow params cannot change).
         tags={"model.family": family, "layout": f"tp{p.tp}_pp{p.pp}_ep{p.ep}_dp{d.dp}_zero{p.zero_stage}",
-              "flops_per_token": f"{flops_per_token:.6g}", "world_size": str(env.world_size)},
+              "flops_per_token": f"{flops_per_token:.6g}", "world_size": str(env.world_size),
+              **fusion_tags(d.fusions)},
         artifacts=[cfg.data.tokenizer_model] if cfg.data.tokenizer_model else [], first_step=state.step + 1)
 
     callbacks = [flops, MetricsLogging(run_logger, flops, log_interval=cfg.train.log_interval,

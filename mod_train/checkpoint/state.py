@@ -25,12 +25,13 @@ import torch
 from mod_train.checkpoint import read
 from mod_train.checkpoint.layout import CheckpointDir
 from mod_train.checkpoint.read import DS_TAG, MODEL_DIR, OPTIM_DIR, RNG_DIR
+from mod_train.config.validate import expert_tensor_parallel_size
 from mod_train.distributed.world import barrier
 
 __all__ = ["DS_TAG", "MODEL_DIR", "OPTIM_DIR", "LAYOUT_KEYS", "TrainState", "Checkpointer", "layout_of",
            "rng_state", "set_rng_state", "set_schedule_position"]
 # What decides which DeepSpeed files a rank reads; sequence parallelism does not change them.
-LAYOUT_KEYS = ("tp", "pp", "vpp", "ep", "cp", "dp", "zero_stage")
+LAYOUT_KEYS = ("tp", "pp", "vpp", "ep", "etp", "cp", "dp", "zero_stage")
 
 
 @dataclass
@@ -139,7 +140,8 @@ class Checkpointer:
         saved = self.saved_layout(path)
         if saved is None or not self.layout:
             return False
-        return any(saved.get(k) != self.layout.get(k) for k in LAYOUT_KEYS)
+        saved, ours = _with_etp(saved), _with_etp(self.layout)
+        return any(saved.get(k) != ours.get(k) for k in LAYOUT_KEYS)
 
     def load_weights_for_reshard(self, chunks, path: Path) -> None:
         """Weights from ``<path>/model`` into this layout's chunks (before the engine is built)."""
@@ -193,9 +195,16 @@ class Checkpointer:
 def layout_of(cfg, derived) -> dict:
     """The parallel layout of a run, as recorded in complete.json (compared on resume)."""
     par = cfg.parallel
-    return {"tp": par.tp, "pp": par.pp, "vpp": par.vpp, "ep": par.ep, "cp": par.cp, "dp": derived.dp,
+    return {"tp": par.tp, "pp": par.pp, "vpp": par.vpp, "ep": par.ep, "etp": expert_tensor_parallel_size(par),
+            "cp": par.cp, "dp": derived.dp,
             "zero_stage": par.zero_stage, "sequence_parallel": bool(par.sequence_parallel),
             "world_size": derived.world_size}
+
+
+def _with_etp(layout: dict) -> dict:
+    """A layout with its expert tensor parallel size: checkpoints written before etp was recorded
+    split their experts over the dense TP size (megatron's default)."""
+    return {**layout, "etp": layout.get("etp", layout.get("tp"))}
 
 
 def set_schedule_position(engine, scheduler, step: int) -> None:

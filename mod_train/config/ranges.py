@@ -96,6 +96,7 @@ def _rules(cfg: Config, world_size: int) -> Iterable[Rule]:
         # ---- parallel (global batch: 0 used to mean "unset" silently, a negative one crashed in DeepSpeed)
         ("parallel.global_batch_size", par.global_batch_size, _optional(_at_least(1)),
          ">= 1 (or null: micro_batch_size x data-parallel size)"),
+        ("parallel.etp", par.etp, _optional(_at_least(1)), ">= 1 (or null: parallel.tp)"),
         # ---- optimiser
         ("optim.lr", opt.lr, _above(0), "> 0"),
         ("optim.min_lr", opt.min_lr, _at_least(0), ">= 0"),

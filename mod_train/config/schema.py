@@ -121,6 +121,15 @@ class Precision(Choice):
     auto = "auto"  # bf16 on GPU, fp32 on CPU
     fp32 = "fp32"
     bf16 = "bf16"
+    # bf16 weights, matmuls in Transformer Engine's fp8 (GPUs with fp8 tensor cores; refused elsewhere)
+    fp8 = "fp8"
+
+
+class Fp8Recipe(Choice):
+    """How Transformer Engine scales fp8 tensors (train.precision=fp8)."""
+
+    delayed = "delayed"  # scale from the amax history of earlier steps (megatron's "delayed")
+    current = "current"  # scale from this tensor's own amax (megatron's "tensorwise"; TE >= 2.2)
 
 
 class ContainerRuntime(Choice):
@@ -266,6 +275,10 @@ class ParallelConfig:
     pp: int = 1
     vpp: Optional[int] = None  # virtual pipeline stages per rank (interleaved schedule)
     ep: int = 1
+    # Expert tensor parallel size: how many ranks split each expert's weights (megatron-core's
+    # expert_tensor_parallel_size); None: the dense TP size. A value other than parallel.tp needs
+    # parallel.ep > 1 (see validate.py).
+    etp: Optional[int] = None
     cp: int = 1
     sequence_parallel: bool = False
     zero_stage: int = 1
@@ -349,6 +362,7 @@ class TrainConfig:
     eval_iters: int = 2
     seed: int = 1234
     precision: Precision = Precision.auto  # auto: bf16 on GPU, fp32 on CPU
+    fp8_recipe: Fp8Recipe = Fp8Recipe.delayed  # only read with precision=fp8
     # Peak dense matmul TFLOP/s of one device, for MFU; None: looked up for known GPUs.
     peak_tflops: Optional[float] = None
     # Console output of ranks other than 0 (stdout, warnings, INFO logs): off keeps them quiet

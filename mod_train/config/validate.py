@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import List, Optional
 
 from mod_train.config.ranges import check_ranges
-from mod_train.config.schema import Config
+from mod_train.config.schema import Config, ParallelConfig
+from mod_train.model.fusions import FusionPlan, fp8_refusal
+from mod_train.model.fusions import decide as decide_fusions
+from mod_train.model.fusions import probe as probe_kernels
 
 
 class ConfigError(ValueError):
@@ -33,6 +36,7 @@ class Derived:
     mod_capacities: List[float]
     moe_layers: List[int]
     bf16: bool
+    fusions: FusionPlan  # fused kernels and fp8, decided once here from what this machine offers
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -58,6 +62,11 @@ def default_ffn_hidden_size(hidden: int, activation: str) -> int:
         # LLaMA's convention: 2/3 of 4h, rounded up to a multiple of 64 for matmul efficiency.
         return ((int(8 * hidden / 3) + 63) // 64) * 64
     return 4 * hidden
+
+
+def expert_tensor_parallel_size(par: ParallelConfig) -> int:
+    """parallel.etp as megatron-core takes it: null means the dense TP size."""
+    return par.tp if par.etp is None else par.etp
 
 
 def pad_vocab(vocab: int, divisible_by: int) -> int:
@@ -171,9 +180,19 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
              f"{par.tp} x {par.pp} x {par.cp} = {model_parallel}. Launch a multiple of {model_parallel} "
              f"processes or change the layout.")
     dp = world_size // model_parallel
-    _require((dp * par.cp) % par.ep == 0,
-             f"parallel.ep={par.ep} must divide data-parallel x context-parallel size = {dp} x {par.cp} "
-             f"(world {world_size} / (tp {par.tp} x pp {par.pp})). Lower parallel.ep or add processes.")
+    etp = expert_tensor_parallel_size(par)
+    if etp == par.tp:
+        _require((dp * par.cp) % par.ep == 0,
+                 f"parallel.ep={par.ep} must divide data-parallel x context-parallel size = {dp} x {par.cp} "
+                 f"(world {world_size} / (tp {par.tp} x pp {par.pp})). Lower parallel.ep or add processes.")
+    else:
+        # megatron-core lays the expert ranks out as ETP x EP x expert-DP x PP over the same world
+        # (parallel_state.initialize_model_parallel: world % (etp x ep x pp) == 0).
+        _require((par.tp * par.cp * dp) % (etp * par.ep) == 0,
+                 f"parallel.etp x parallel.ep = {etp} x {par.ep} = {etp * par.ep} must divide parallel.tp x "
+                 f"data-parallel size = {par.tp} x {dp} = {par.tp * dp} (megatron-core places experts on "
+                 f"etp x ep x expert-data-parallel ranks of every pipeline stage). Lower parallel.etp or "
+                 f"parallel.ep, or add processes.")
 
     # ---- attention vs TP
     _require(m.hidden_size % m.num_attention_heads == 0,
@@ -237,7 +256,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
     _require(ffn % par.tp == 0, f"FFN hidden size {ffn} is not divisible by parallel.tp={par.tp}.")
 
     # ---- precision
-    _require(tr.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got '{tr.precision}'.")
+    _require(tr.precision in ("auto", "fp32", "bf16", "fp8"),
+             f"train.precision must be auto, fp32, bf16 or fp8, got '{tr.precision}'.")
 
     # ---- MoD
     mod_layers: List[int] = []
@@ -308,8 +328,23 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
             _require(par.sequence_parallel,
                      f"MoE layers with parallel.tp={par.tp} need parallel.sequence_parallel=true (megatron-core's "
                      f"MoE layer refuses to train with TP but without sequence parallelism).")
+        moe_ffn = m.moe.ffn_hidden_size or ffn
+        _require(moe_ffn % etp == 0,
+                 f"the expert FFN hidden size {moe_ffn} is not divisible by the expert tensor parallel size {etp} "
+                 f"(parallel.etp, null: parallel.tp): change model.moe.ffn_hidden_size or parallel.etp.")
+        if etp != par.tp:
+            # megatron-core marks expert weights as expert-parallel (allreduce=False) only when EP > 1;
+            # with EP = 1 they count as ordinary weights, whose gradients DeepSpeed (like megatron's own
+            # DDP) reduces over the dense data-parallel group, while with etp != tp their replicas live
+            # in megatron's expert-data-parallel group (another set of ranks): wrong sums.
+            _require(par.ep > 1,
+                     f"parallel.etp={etp} differs from parallel.tp={par.tp} but parallel.ep=1: expert weights are "
+                     f"then reduced over the dense data-parallel group, not over their expert-data-parallel "
+                     f"replicas. Set parallel.ep > 1 (e.g. parallel.ep=2) or parallel.etp=null (= parallel.tp).")
         if par.ep > 1:
-            _require(dp % par.ep == 0,
+            # With etp != tp the expert-data-parallel groups lie across TP and DP ranks; the layout
+            # rule above covers them (DeepSpeed takes megatron's groups as they are).
+            _require(etp != par.tp or dp % par.ep == 0,
                      f"parallel.ep={par.ep} must divide the data-parallel size {dp}: DeepSpeed reduces expert "
                      f"gradients over expert-data-parallel groups inside its data-parallel group.")
             _require(par.zero_stage in (1, 2),
@@ -319,6 +354,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
                      f"DeepSpeed's gradient clipping averages per-rank norms instead of summing expert norms.")
     else:
         _require(par.ep == 1, f"parallel.ep={par.ep} but the model has no experts (model.moe.num_experts=0).")
+        _require(etp == par.tp, f"parallel.etp={etp} (expert tensor parallel size) but the model has no experts "
+                                f"(model.moe.num_experts=0): set parallel.etp=null.")
         _require(m.moe.mode == "none",
                  f"model.moe.mode={m.moe.mode} needs experts: set model.moe.num_experts > 0.")
         _require(m.moe.load_balancing == "aux_loss" and not m.moe.grouped_gemm,
@@ -361,12 +398,17 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         _require(tr.exit_interval >= 1, "train.exit_interval must be >= 1 (or null).")
     _validate_resilience(cfg)
 
-    if has_cuda is None and tr.precision == "auto":
-        # Last: a config error is reported without waiting seconds for torch to import.
-        import torch
-
-        has_cuda = torch.cuda.is_available()
-    bf16 = tr.precision == "bf16" or (tr.precision == "auto" and bool(has_cuda))
+    # Last: a config error is reported without waiting seconds for torch to import.
+    avail = probe_kernels(has_cuda)
+    has_cuda = avail.cuda
+    if tr.precision == "fp8" and avail.this_machine:
+        refusal = fp8_refusal(avail, str(tr.fp8_recipe), has_moe=bool(moe_layers))
+        _require(refusal is None, refusal or "")
+    # fp8 keeps bf16 weights and activations; Transformer Engine casts the matmul inputs.
+    bf16 = tr.precision in ("bf16", "fp8") or (tr.precision == "auto" and bool(has_cuda))
+    fusions = decide_fusions(avail, activation=str(m.activation), position_embedding=str(m.position_embedding),
+                             normalization=str(m.normalization), mod=bool(mod_layers), fp8=tr.precision == "fp8",
+                             fp8_recipe=str(tr.fp8_recipe))
 
     return Derived(
         world_size=world_size,
@@ -380,6 +422,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         mod_capacities=mod_caps,
         moe_layers=moe_layers,
         bf16=bf16,
+        fusions=fusions,
     )
 
 

@@ -13,6 +13,7 @@ from megatron.core import parallel_state as ps
 
 from mod_train.compat import apply_cpu_patches
 from mod_train.config.schema import ParallelConfig
+from mod_train.config.validate import expert_tensor_parallel_size
 from mod_train.distributed.world import default_device, free_port
 
 
@@ -64,6 +65,7 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
         virtual_pipeline_model_parallel_size=parallel.vpp,
         context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=expert_tensor_parallel_size(parallel),
         distributed_timeout_minutes=max(1, math.ceil(parallel.collective_timeout_s / 60)),
         # megatron's gloo side-groups are only needed for its distributed optimizer; on CPU the
         # main groups already are gloo.

@@ -12,7 +12,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mod_train.config.schema import Config, MoEConfig, RecomputeConfig
-from mod_train.config.validate import Derived
+from mod_train.config.validate import Derived, expert_tensor_parallel_size
 from mod_train.model.expert_mlp import choose_expert_mlp, describe
 from mod_train.model.specs import decoder_block_spec
 
@@ -45,7 +45,6 @@ def recompute_kwargs(rc: RecomputeConfig) -> dict:
 def transformer_config(cfg: Config, derived: Derived) -> TransformerConfig:
     m, par = cfg.model, cfg.parallel
     dtype = torch.bfloat16 if derived.bf16 else torch.float32
-    on_gpu = torch.cuda.is_available()
     moe_kwargs = {}
     if m.moe.num_experts > 0:
         moe_kwargs = dict(
@@ -79,11 +78,8 @@ def transformer_config(cfg: Config, derived: Derived) -> TransformerConfig:
         gated_linear_unit=m.activation == "swiglu",
         activation_func=F.silu if m.activation == "swiglu" else F.gelu,
         add_bias_linear=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=on_gpu,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        bias_dropout_fusion=False,
+        # Fused kernels and fp8 as validate decided them from what is installed (model/fusions.py).
+        **derived.fusions.transformer_config_kwargs(),
         init_method_std=m.init_method_std,
         # Weights are drawn in full on the CPU and then split, so the initial model does not
         # depend on the TP size (megatron-core's layout-independent initialisation).
@@ -97,9 +93,8 @@ def transformer_config(cfg: Config, derived: Derived) -> TransformerConfig:
         virtual_pipeline_model_parallel_size=par.vpp,
         context_parallel_size=par.cp,
         expert_model_parallel_size=par.ep,
+        expert_tensor_parallel_size=expert_tensor_parallel_size(par),
         sequence_parallel=par.sequence_parallel,
-        # Gradients are reduced by DeepSpeed, not megatron's DDP wrapper.
-        gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=False,
         # Interleaved schedule with pp=2: both neighbours are the same rank, and in one exchange
         # that rank sends an activation (send_next) and a gradient (send_prev) of the same shape.

@@ -67,6 +67,16 @@ CASES = {
                        {"tp": 2, "ep": 2, "dp": 2}),
     "moe_tp2_sp_ep2_allgather": (4, "moe", ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2",
                                             "model.moe.token_dispatcher=allgather"], {"tp": 2, "ep": 2}),
+    # Expert tensor parallelism other than TP: DeepSpeed reduces expert gradients over megatron's
+    # expert-data-parallel group, which then lies across TP and DP ranks. TP2 x ETP1 x EP2 on 2
+    # ranks (whole experts, half per rank, dp 1); ETP2 > TP1 (experts split, dp 4, expert-dp 1);
+    # TP2 x ETP1 x EP2 x expert-dp 2 with ZeRO-2 partitioning the experts over expert-dp.
+    "moe_tp2_sp_etp1_ep2": (2, "moe", ["parallel=tp2_etp1_ep2", "parallel.micro_batch_size=2"],
+                            {"tp": 2, "etp": 1, "ep": 2, "dp": 1}),
+    "moe_etp2_ep2": (4, "moe", ["parallel.etp=2", "parallel.ep=2"], {"tp": 1, "etp": 2, "ep": 2, "dp": 4}),
+    "moe_tp2_sp_etp1_ep2_zero2": (4, "moe", ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=1",
+                                             "parallel.ep=2", "parallel.zero_stage=2"],
+                                  {"tp": 2, "etp": 1, "ep": 2, "dp": 2, "zero_stage": 2}),
     # Activation recomputation (model.recompute) against the reference without it. Layer 0 of the
     # mod and moe models is dense, so every case also recomputes a dense layer. Full: the MoD layer
     # reuses its forward's top-k set in the recompute, under the TP broadcast, the 1F1B schedule
@@ -150,3 +160,23 @@ def test_mod_routing_stats_match(equivalence_runs):
         assert sorted(got) == sorted(want), case
         for step in want:
             assert math.isclose(got[step], want[step], rel_tol=RTOL, abs_tol=1e-6), (case, step)
+
+
+@pytest.mark.slow
+def test_etp_checkpoint_exports_to_the_single_process_weights(equivalence_runs, tmp_path):
+    """The layout-free model/ written under TP2 x ETP1 x EP2 reads back (one process, TP1/EP1)
+    as the weights of the single-process run at the same step: each rank's whole experts land
+    under their global index (init_from already read a TP1 directory into that layout)."""
+    import torch
+
+    from mod_train.inference.export import export_checkpoint
+
+    got, want = (torch.load(export_checkpoint(equivalence_runs / run / "checkpoints", tmp_path / f"{run}.pt"),
+                            map_location="cpu", weights_only=False)
+                 for run in ("moe_tp2_sp_etp1_ep2", "ref_moe"))
+    assert got["step"] == want["step"] == STEPS and got["layout"]["etp"] == 1
+    assert sorted(got["state_dict"]) == sorted(want["state_dict"])
+    assert any(".experts." in k for k in want["state_dict"])
+    for name, w in want["state_dict"].items():
+        # 5 Adam steps on gradients that agree to ~1e-7 (TP sums in another order).
+        torch.testing.assert_close(got["state_dict"][name], w, rtol=1e-4, atol=1e-6, msg=name)

@@ -4,9 +4,10 @@
   same per-step loss and grad norm for 5 steps (fp32, dropless) with both token dispatchers, and
   for integrated MoDE. Tolerance: rel 1e-6 on the loss and rel 1e-5 on the grad norm (on CPU the
   losses come out bit-identical; only the order of a few reductions differs between layouts).
-* EP=2 with ZeRO-1 and ZeRO-2, and staged / integrated MoDE (EP=2, ZeRO-1): 20 steps straight ==
-  10 steps, stop, resume, 10 steps, bitwise; the MoDE skip / no-op shares are in metrics.jsonl;
-  the routing heatmap is logged as an MLflow artifact at checkpoints.
+* EP=2 with ZeRO-1 and ZeRO-2, TP2 x ETP1 x EP2 (expert tensor parallelism 1), and staged /
+  integrated MoDE (EP=2, ZeRO-1): 20 steps straight == 10 steps, stop, resume, 10 steps, bitwise;
+  the MoDE skip / no-op shares are in metrics.jsonl; the routing heatmap is logged as an MLflow
+  artifact at checkpoints.
 """
 
 import json
@@ -32,6 +33,9 @@ RESUME = {
     "ep2_zero2": [*MOE, "parallel.ep=2", "parallel.zero_stage=2", *NO_TRACKING],
     "staged": ["model=tiny_mode_staged", *SMALL, "model.mod.capacity=0.25", "parallel.ep=2", *NO_TRACKING],
     "integrated": ["model=tiny_mode_integrated", *SMALL, "parallel.ep=2"],
+    # Expert tensor parallelism 1 under TP2: whole experts, half per rank (parallel=tp2_etp1_ep2).
+    "tp2_etp1_ep2": [*MOE, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=1", "parallel.ep=2",
+                     *NO_TRACKING],
 }
 
 

@@ -77,7 +77,7 @@ def test_unknown_key_and_wrong_type_fail_at_compose():
     ("model.activation=relu", "[swiglu, gelu]"),
     ("model.position_embedding=alibi", "[rope, learned_absolute]"),
     ("optim.schedule=linear", "[cosine, constant, wsd]"),
-    ("train.precision=fp16", "[auto, fp32, bf16]"),
+    ("train.precision=fp16", "[auto, fp32, bf16, fp8]"),
     ("slurm.container.runtime=docker", "[none, pyxis, apptainer]"),
     ("slurm.rendezvous=etcd", "[c10d, static]"),
 ])
