@@ -2,10 +2,11 @@
 
 * The EP=2 model is the EP=1 model: identical initial weights (experts by global index), and the
   same per-step loss and grad norm for 5 steps (fp32, dropless) with both token dispatchers, and
-  for integrated MoDE. Tolerance: rel 1e-6 on the loss and rel 1e-5 on the grad norm (on CPU the
+  for integrated MoDE and aux-loss-free balancing (expert bias). Tolerance: rel 1e-6 on the loss and rel 1e-5 on the grad norm (on CPU the
   losses come out bit-identical; only the order of a few reductions differs between layouts).
 * EP=2 with ZeRO-1 and ZeRO-2, TP2 x ETP1 x EP2 (expert tensor parallelism 1), and staged /
-  integrated MoDE (EP=2, ZeRO-1): 20 steps straight == 10 steps, stop, resume, 10 steps, bitwise;
+  integrated MoDE and expert bias (EP=2, ZeRO-1): 20 steps straight == 10 steps, stop, resume, 10
+  steps, bitwise (the expert bias resumes with the model);
   the MoDE skip / no-op shares are in metrics.jsonl; the routing heatmap is logged as an MLflow
   artifact at checkpoints.
 """
@@ -22,17 +23,21 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.every=2", "mod
 SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.seq_length=32"]  # as tiny_overrides
 SHORT = ["train.max_steps=5", "checkpoint.save_interval=1000", "tracking.enabled=false"]
 NO_TRACKING = ["tracking.enabled=false"]
+# Aux-loss-free balancing; a rate large enough that the bias changes the routing within 5 steps.
+EXPERT_BIAS = ["model.moe.load_balancing=expert_bias", "model.moe.bias_update_rate=0.01"]
 
 EQUIVALENCE = {  # name -> overrides; each runs with parallel.ep=1 and parallel.ep=2
     "alltoall": [*MOE, "model.moe.token_dispatcher=alltoall"],
     "allgather": [*MOE, "model.moe.token_dispatcher=allgather"],
     "integrated": ["model=tiny_mode_integrated", *SMALL],
+    "expert_bias": [*MOE, *EXPERT_BIAS],
 }
 RESUME = {
     "ep2_zero1": [*MOE, "parallel.ep=2", "parallel.zero_stage=1", *NO_TRACKING],
     "ep2_zero2": [*MOE, "parallel.ep=2", "parallel.zero_stage=2", *NO_TRACKING],
     "staged": ["model=tiny_mode_staged", *SMALL, "model.mod.capacity=0.25", "parallel.ep=2", *NO_TRACKING],
     "integrated": ["model=tiny_mode_integrated", *SMALL, "parallel.ep=2"],
+    "expert_bias": [*MOE, *EXPERT_BIAS, "parallel.ep=2", *NO_TRACKING],
     # Expert tensor parallelism 1 under TP2: whole experts, half per rank (parallel=tp2_etp1_ep2).
     "tp2_etp1_ep2": [*MOE, "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.etp=1", "parallel.ep=2",
                      *NO_TRACKING],
@@ -81,7 +86,8 @@ def test_ep2_and_mode_resume_bitwise(moe_runs, name):
     assert sorted(losses(straight)) == list(range(1, 21))
     assert losses(resumed) == losses(straight)
     assert (resumed / "checkpoints" / "iter_0000010").is_dir()
-    keys = ["moe/layer2/load_e0", "moe/layer2/z_loss", "moe/layer2/aux_loss"]
+    keys = ["moe/layer2/load_e0", "moe/layer2/z_loss"]
+    keys += ["moe/layer2/expert_bias_max_abs"] if name == "expert_bias" else ["moe/layer2/aux_loss"]
     if name == "staged":
         keys += ["moe/layer2/skip_frac", "mod/layer2/causal_acc"]
     if name == "integrated":
@@ -90,6 +96,10 @@ def test_ep2_and_mode_resume_bitwise(moe_runs, name):
         values = losses(straight, key)
         assert len(values) == 20, key
         assert losses(resumed, key) == values, key
+    if name == "expert_bias":  # each applied step moves every bias by +-rate: |bias| <= (step - 1) x rate
+        bias = losses(straight, "moe/layer2/expert_bias_max_abs")
+        assert bias[1] == 0.0 and 0.0 < bias[20] <= 19 * 0.01 + 1e-6, bias
+        assert losses(straight, "moe/layer2/aux_loss") == {}  # load_balancing=expert_bias: no aux loss
     if name == "staged":  # MoD capacity 0.25: 3/4 of the tokens skip the block (and its MoE)
         assert set(losses(straight, "moe/layer2/skip_frac").values()) == {0.75}
     if name == "integrated":
