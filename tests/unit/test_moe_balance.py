@@ -100,6 +100,23 @@ def test_expert_bias_balances_load_and_only_changes_the_selection(megatron_tp1):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
+def test_integrated_mode_balances_its_noop_columns_like_experts(megatron_tp1):
+    """Integrated MoDE with expert bias: the no-op columns get a bias too (the router scores E + n
+    columns, as the aux loss treats them), counted before the no-op slots are dropped."""
+    from mod_train.model.expert_bias import ExpertBiasUpdater
+
+    layer = make_layer("model.moe.mode=integrated", "model.moe.load_balancing=expert_bias")
+    n = K  # default no-op columns: top_k
+    assert layer.router.expert_bias.shape == (E + n,)
+    layer.train()
+    layer(torch.randn(S, B, H))[0].sum().backward()
+    counts = layer.router.local_tokens_per_expert.clone()
+    assert float(counts.sum()) == S * B * K and float(counts[E:].sum()) > 0
+    ExpertBiasUpdater([layer]).update()
+    torch.testing.assert_close(layer.router.expert_bias, 1e-3 * torch.sign(counts.mean() - counts))
+    assert "moe/layer1/expert_bias_max_abs" in layer.routing_stats()
+
+
 @pytest.mark.parametrize("choice,megatron_type,coeff_used", [
     ("aux_loss", "aux_loss", True), ("seq_aux_loss", "seq_aux_loss", True), ("none", "none", False)])
 def test_loss_based_choices_map_to_megatron(megatron_tp1, choice, megatron_type, coeff_used):
