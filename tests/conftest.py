@@ -35,6 +35,21 @@ def megatron_tp1(world_of_one):
     ps.destroy_model_parallel()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """The port of one real ``mlflow server`` (sqlite store) for the session's outage tests, each
+    behind its own tests.mlflow_server.OutageProxy (starting a server costs seconds of imports).
+    Tests that crash the server itself start their own."""
+    from mod_train.distributed.world import free_port
+    from tests.mlflow_server import kill_server, start_server
+
+    port = free_port()
+    # A generous wait: on a machine busy with other work a start has taken over a minute.
+    server = start_server(port, tmp_path_factory.mktemp("mlflow_server"), timeout_s=240)
+    yield port
+    kill_server(server)
+
+
 def _stdlib_docs(limit: int = 1500):
     """License-clean English-ish text available on any machine: stdlib docstrings (PSF license)."""
     import inspect

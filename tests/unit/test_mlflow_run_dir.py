@@ -1,7 +1,7 @@
 """One MLflow run per run directory whatever the kill point; buffered metrics retried in the
 background during the run; an end-of-run outage marked in the run directory and finished by
-mod-mlflow-sync. Real MLflow stores: sqlite for the kill test, a real ``mlflow server`` that goes
-away and comes back for the others (tests/mlflow_server.py)."""
+mod-mlflow-sync. Real MLflow stores: sqlite for the kill test, a real ``mlflow server`` whose port
+closes and opens again for the others (tests/mlflow_server.py)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from mod_train.config.schema import TrackingConfig
 from mod_train.tracking.mlflow_run import MAX_RETRIES_ENV, TIMEOUT_ENV
 from mod_train.tracking.run_files import MLFLOW_RUN_ID_FILE, MLFLOW_UNFINISHED_FILE
 from mod_train.tracking.run_logger import open_run_logger
-from tests.helpers_train import REPO, free_port
+from tests.helpers_train import REPO
 from tests.helpers import restored_env
-from tests.mlflow_server import kill_server, start_server
+from tests.mlflow_server import OutageProxy
 
 CONFIG = {"model": {"hidden_size": 32}, "train": {"max_steps": 10}}
 
@@ -77,19 +77,19 @@ def test_a_kill_before_the_first_checkpoint_continues_the_same_mlflow_run(tmp_pa
 
 @pytest.mark.slow
 def test_buffered_metrics_reach_a_server_that_comes_back_mid_run_and_an_end_outage_is_finished_by_sync(
-        tmp_path, http_env):
+        tmp_path, http_env, mlflow_server):
     from mlflow import MlflowClient
 
     from mod_train.tracking.sync import sync_run
 
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
+    proxy = OutageProxy(mlflow_server)  # the session's server, behind a port that starts closed
+    uri = proxy.uri
     run_dir = tmp_path / "run"
     logger = _open(run_dir, uri)  # server down at start: the run does not exist yet
     assert logger.run_id is None
     for step in (1, 2, 3):
         logger.log(step, {"lm loss": 10.0 - step})
-    server = start_server(port, tmp_path)
+    proxy.restore()
     try:
         # 1. No call on the logger: the background retry creates the run and delivers the buffer.
         client = MlflowClient(tracking_uri=uri)
@@ -103,7 +103,7 @@ def test_buffered_metrics_reach_a_server_that_comes_back_mid_run_and_an_end_outa
         assert logger.run_id == run_id
 
         # 2. The server dies before the end: the run directory says what is left to do.
-        kill_server(server)
+        proxy.cut()
         for step in (4, 5):
             logger.log(step, {"lm loss": 10.0 - step})
         logger.close("FINISHED")
@@ -112,8 +112,8 @@ def test_buffered_metrics_reach_a_server_that_comes_back_mid_run_and_an_end_outa
         assert unfinished["pending_metrics"] >= 2
 
         # 3. mod-mlflow-sync finishes it: the missing metrics and the final status, marker gone.
-        server = start_server(port, tmp_path)
-        os.environ[TIMEOUT_ENV] = "30"  # a freshly started server on a loaded machine may be slow
+        proxy.restore()
+        os.environ[TIMEOUT_ENV] = "30"  # a server on a loaded machine may be slow
         assert client.get_run(run_id).info.status == "RUNNING"
         result = sync_run(run_dir, tracking_uri=uri)
         assert result.run_id == run_id and result.metrics_uploaded >= 2
@@ -123,4 +123,4 @@ def test_buffered_metrics_reach_a_server_that_comes_back_mid_run_and_an_end_outa
         assert not (run_dir / MLFLOW_UNFINISHED_FILE).exists()
         assert len(client.search_runs([run.info.experiment_id])) == 1
     finally:
-        kill_server(server)
+        proxy.cut()

@@ -1,5 +1,6 @@
-"""Tracking: MLflow lifecycle against real stores (sqlite; a real `mlflow server` in the slow test),
-metrics.jsonl, the log line, config flattening, plots."""
+"""Tracking: MLflow lifecycle against real stores (sqlite; a real `mlflow server` behind a port
+that closes and opens again in the slow test), metrics.jsonl, the log line, config flattening,
+plots."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from mod_train.tracking.run_files import METRICS_FILE, RESOLVED_CONFIG, RUN_DIR_
 from mod_train.tracking.run_logger import open_run_logger
 from mod_train.tracking.mlflow_run import MAX_RETRIES_ENV, TIMEOUT_ENV
 from tests.helpers import restored_env
-from tests.mlflow_server import kill_server, start_server
+from tests.mlflow_server import OutageProxy
 
 LOGGER = "mod_train.tracking.mlflow_run"
 
@@ -208,12 +209,14 @@ def test_hanging_server_costs_one_timeout_then_buffers(http_env, caplog):
 # ---- a real mlflow server that goes away and comes back ----------------------------------------
 
 @pytest.mark.slow
-def test_server_outages_before_and_after_start(tmp_path, http_env, caplog):
+def test_server_outages_before_and_after_start(http_env, caplog, mlflow_server):
     from mlflow import MlflowClient
 
     caplog.set_level(logging.INFO, logger=LOGGER)
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
+    # The session's server behind a port of this test's own: closed (connection refused, open
+    # connections reset, as when the server dies) and opened again, with what was logged kept.
+    proxy = OutageProxy(mlflow_server)
+    uri = proxy.uri
     tracker = MlflowTracker(uri, "outages", run_name="srv", request_timeout_s=2, retry_interval_s=0.2)
 
     def log_steps(steps):
@@ -227,7 +230,7 @@ def test_server_outages_before_and_after_start(tmp_path, http_env, caplog):
     tracker.log_params({"model.hidden_size": 64})
     log_steps(range(0, 5))
     logged_before_server = int(time.time() * 1000)
-    server = start_server(port, tmp_path)
+    proxy.restore()
     try:
         time.sleep(0.3)
         log_steps(range(5, 10))
@@ -238,10 +241,10 @@ def test_server_outages_before_and_after_start(tmp_path, http_env, caplog):
         assert run_id is not None and tracker.pending_metrics == 0
 
         # 2. Down after start: buffered, then flushed to the same run.
-        kill_server(server)
+        proxy.cut()
         log_steps(range(10, 15))
         assert tracker.pending_metrics == 5 and tracker.run_id == run_id
-        server = start_server(port, tmp_path)
+        proxy.restore()
         assert tracker.flush() and tracker.end()
 
         client = MlflowClient(tracking_uri=uri)
@@ -253,7 +256,7 @@ def test_server_outages_before_and_after_start(tmp_path, http_env, caplog):
         assert all(ts <= logged_before_server for s, _, ts in history if s < 5)
         assert len(client.search_runs([run.info.experiment_id])) == 1
     finally:
-        kill_server(server)
+        proxy.cut()
     assert _outage_warnings(caplog) == 2  # one per outage, not one per call
     assert sum("answers again" in r.getMessage() for r in caplog.records) == 2
 
