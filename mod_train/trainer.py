@@ -58,7 +58,8 @@ class Trainer:
     ``runner``: ``train_step(batches, policy, step, loss_factor) -> StepMetrics`` (with ``.verdict``)
     and ``eval_step(batches) -> dict``; ``train_batches(consumed_samples)``: the training
     micro-batch iterator from a data position; ``valid_batches()``: a fresh validation iterator, or
-    None; ``checkpoints``: ``due(step, stopping)``, ``save(state) -> path``, ``restore_last(state)``;
+    None; ``checkpoints``: ``due(step, stopping)``, ``save(state) -> path``, ``restore_last(state)``,
+    ``poll()`` / ``finish()`` / ``abandon()`` (a background save: commit when written / wait / drop);
     ``callbacks``: the hooks; ``policy``: the update rules; ``stop_signals``: the pre-emption flag
     (None: not watched); ``faults``: test-only injected faults; ``say``: the main rank's console.
     """
@@ -111,6 +112,7 @@ class Trainer:
                         f"with a rollback: train.spike.action=rollback).")
                 if rolled_back:
                     continue
+                self.checkpoints.poll()  # a background save commits once every rank has written it
                 if self.valid_batches is not None and self.state.step % s.eval_interval == 0:
                     self.callbacks.on_eval(self.state, self.evaluate())
                 exiting = s.exit_interval is not None and steps_this_run >= s.exit_interval
@@ -128,6 +130,10 @@ class Trainer:
                     break
             else:
                 reason = "max_steps"
+            self.checkpoints.finish()  # the background save of the last step, committed before exit
+        except BaseException:
+            self.checkpoints.abandon()  # never committed: latest stays the previous checkpoint
+            raise
         finally:
             self.callbacks.on_stop(self.state, reason)
         return self.state
@@ -247,7 +253,9 @@ def build_run(cfg: Config, derived: Derived, stop_signals: Optional[StopSignals]
     aux = AuxLossRecorder(chunks)
 
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-    checkpointer = Checkpointer(ckpt_root, cfg.checkpoint.keep_last, env.rank, layout=layout_of(cfg, derived))
+    checkpointer = Checkpointer(ckpt_root, cfg.checkpoint.keep_last, env.rank, layout=layout_of(cfg, derived),
+                                deepspeed_files=cfg.checkpoint.deepspeed_files, async_save=cfg.checkpoint.async_save,
+                                write_delay_s=cfg.train.inject.checkpoint_write_delay_s)
     plan = ResumePlan.of(checkpointer, cfg.checkpoint.resume, cfg.checkpoint.init_from, say)
     plan.load_weights(chunks)
     engine, scheduler = build_engine(cfg, derived, ModelChunks(chunks), chunks)

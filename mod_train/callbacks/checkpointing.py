@@ -36,7 +36,27 @@ class Checkpointing:
             return self.checkpointer.save(self.engine, state, {"config": self.config})
 
     def restore_last(self, current: TrainState) -> Optional[TrainState]:
-        return roll_back(self.checkpointer, self.engine, current) if self.enabled else None
+        if not self.enabled:
+            return None
+        self.checkpointer.finish_pending()  # roll back to the newest checkpoint, a background one too
+        return roll_back(self.checkpointer, self.engine, current)
+
+    # A background save (checkpoint.async_save) is committed by one of these, on every rank.
+    def poll(self) -> None:
+        """After each step: commit the background save if every rank has finished writing it."""
+        self._committed(self.checkpointer.poll())
+
+    def finish(self) -> None:
+        """The loop ends normally (max_steps, exit_interval, a stop signal): wait and commit."""
+        self._committed(self.checkpointer.finish_pending())
+
+    def abandon(self) -> None:
+        """The loop ends with an error: stop the writer, no commit (``latest`` stays the previous)."""
+        self.checkpointer.abandon_pending()
+
+    def _committed(self, path: Optional[Path]) -> None:
+        if path is not None and self.checkpointer.rank == 0:
+            print(f"committed checkpoint {path} (written in the background)", flush=True)
 
 
 def refuse_nonfinite_weights(engine, step: int, root: Path) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -61,11 +61,14 @@ def _rank() -> int:
 
 
 def save_model(chunks: Sequence[torch.nn.Module], directory: Union[str, Path], info: Optional[dict] = None,
-               extra: Optional[dict] = None) -> Path:
+               extra: Optional[dict] = None, background: Optional[Callable] = None) -> Path:
     """Write this rank's chunks into ``directory`` (all ranks call it; collective).
 
     ``info``: JSON-able description stored next to the tensors (config, layout, ...).
     ``extra``: more sharded entries to store alongside the model (e.g. optimizer moments).
+    ``background``: write asynchronously; called with megatron's AsyncRequest, which it must
+    schedule before returning (checkpoint.background.BackgroundWrites.schedule): the writer then
+    holds a snapshot of the tensors as they are now.
     """
     from megatron.core import dist_checkpointing
 
@@ -76,11 +79,24 @@ def save_model(chunks: Sequence[torch.nn.Module], directory: Union[str, Path], i
     state = sharded_state_dict(chunks)
     if extra:
         state.update(extra)
-    dist_checkpointing.save(state, str(directory), sharded_strategy=_sync_save_strategy())
+    _save(state, directory, background)
     if _rank() == 0 and info is not None:
         (directory / _INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     barrier()
     return directory
+
+
+def _save(state: dict, directory: Path, background: Optional[Callable]) -> None:
+    from megatron.core import dist_checkpointing
+
+    if background is None:
+        dist_checkpointing.save(state, str(directory), sharded_strategy=_sync_save_strategy())
+        return
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    # megatron's own async strategy (same torch_dist files); one writer process per rank and request.
+    background(dist_checkpointing.save(state, str(directory), async_sharded_save=True,
+                                       sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)))
 
 
 def _sync_save_strategy():
@@ -149,15 +165,24 @@ def load_model(chunks: Sequence[torch.nn.Module], directory: Union[str, Path], s
 
 
 # ----------------------------------------------------------------------------- optimizer state
-def gathered_params(engine):
-    """Context in which every parameter holds its full (TP-local) data: ZeRO-3 gathers, else no-op."""
+def gathered_params(engine, modify: bool = False):
+    """Context in which every parameter holds its full (TP-local) data: ZeRO-3 gathers, else no-op.
+    ``modify``: what is written into the parameters inside is kept (data-parallel rank 0's copy)."""
     import contextlib
 
     if engine is not None and engine.zero_optimization_stage() == 3:
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                                 modifier_rank=0 if modify else None)
     return contextlib.nullcontext()
+
+
+def load_model_into_engine(engine, chunks: Sequence[torch.nn.Module], directory: Union[str, Path]) -> None:
+    """``load_model`` into the chunks of a built engine (a rollback): ZeRO-3 shards re-partitioned.
+    The optimizer's fp32 master copies follow with ``load_optimizer`` (set_optimizer_state)."""
+    with gathered_params(engine, modify=True):
+        load_model(chunks, directory)
 
 
 def _trainable(chunks) -> List[torch.nn.Parameter]:
@@ -235,20 +260,26 @@ def _ensure_optimizer_state(engine, step: Optional[int] = None) -> None:
     step counter (bias correction) of every state entry.
     """
     opt = _inner_optimizer(engine)
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state[p]
-            if "exp_avg" not in state:
-                state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device)
-                                 if group.get("capturable") or group.get("fused")
-                                 else torch.tensor(0.0, dtype=torch.float32))
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group.get("amsgrad"):
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if step is not None:
-                state["step"].fill_(float(step))
     zero = engine.optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):
+        # ZeRO-3 puts one fp32 sub-group into its param group only while stepping it: Adam's state
+        # lives on the flat fp32 partitions (never created before the first step of a resumed run).
+        pairs = [(t, opt.param_groups[zero.sub_group_to_group_id[i]])
+                 for i, t in enumerate(zero.fp32_partitioned_groups_flat)]
+    else:
+        pairs = [(p, group) for group in opt.param_groups for p in group["params"]]
+    for p, group in pairs:
+        state = opt.state[p]
+        if "exp_avg" not in state:
+            state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device)
+                             if group.get("capturable") or group.get("fused")
+                             else torch.tensor(0.0, dtype=torch.float32))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if step is not None:
+            state["step"].fill_(float(step))
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2, bf16 optimizer
         # Always re-link: DeepSpeed 0.19.8 links after stepping the FIRST param group only, so the
         # views of later groups (our no-weight-decay group) stay empty for the whole run.
@@ -297,21 +328,25 @@ def set_optimizer_state(engine, chunks, values: Dict[int, Dict[str, torch.Tensor
                 safe_set_full_fp32_param(p, value)
             else:
                 safe_set_full_optimizer_state(p, value, key)
+        if raw is None and "fp32_param" not in values[id(p)]:
+            # fp32 under ZeRO: the optimizer steps its own fp32 partition, a copy of the weights made
+            # when the engine was built; after a rollback it must be the reloaded weights.
+            safe_set_full_fp32_param(p, p.detach().float())
     if "fp32_param" in _state_keys(engine) and hasattr(engine.optimizer, "update_lp_params"):
         engine.optimizer.update_lp_params()  # module weights = the restored fp32 masters
 
 
-def save_optimizer(engine, chunks: Sequence[torch.nn.Module], directory: Union[str, Path]) -> Path:
-    """Adam moments (and fp32 masters under bf16) of every parameter, layout-free (collective)."""
-    from megatron.core import dist_checkpointing
-
+def save_optimizer(engine, chunks: Sequence[torch.nn.Module], directory: Union[str, Path],
+                   background: Optional[Callable] = None) -> Path:
+    """Adam moments (and fp32 masters under bf16) of every parameter, layout-free (collective).
+    ``background``: as for ``save_model`` (the values are copies already: get_optimizer_state clones)."""
     directory = Path(directory)
     if _rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     barrier()
     with gathered_params(engine):
         entries, _ = _optimizer_request(chunks, get_optimizer_state(engine, chunks))
-        dist_checkpointing.save(entries, str(directory), sharded_strategy=_sync_save_strategy())
+        _save(entries, directory, background)
     barrier()
     return directory
 

@@ -6,10 +6,11 @@ keep-K) is layout.py's; the layout-free format itself (megatron dist-checkpointi
 Inside one ``iter_N/``::
 
     complete.json        step, train_state, layout, the resolved config under "config"
-    state/               DeepSpeed's files (model shards, ZeRO partitions, LR scheduler)
     model/               layout-free weights (model_io.save_model), loadable under any layout
-    optimizer/           layout-free Adam moments (model_io.save_optimizer)
+    optimizer/           layout-free Adam moments (+ fp32 masters under bf16; model_io.save_optimizer)
     rng/rank_XXXXX.pt    per-rank RNG states
+    state/               DeepSpeed's files (model shards, ZeRO partitions, LR scheduler): only in
+                         checkpoints of an older mod-train or written with checkpoint.deepspeed_files
 
 Every failure is a :class:`CheckpointReadError` whose message names the file or directory.
 """
@@ -29,7 +30,7 @@ __all__ = [
     "DS_TAG", "MODEL_DIR", "OPTIM_DIR", "RNG_DIR", "CheckpointReadError", "resolve_iter_dir", "read_complete",
     "saved_config", "saved_layout", "saved_train_state", "has_model_dir", "load_model_dir", "load_weights_from",
     "saved_padded_vocab", "read_rng_state", "check_deepspeed_readable", "load_deepspeed_model_state",
-    "match_norm_keys", "load_deepspeed_weights",
+    "match_norm_keys", "load_deepspeed_weights", "has_deepspeed_files",
 ]
 
 DS_TAG = "state"  # DeepSpeed's sub-directory inside iter_N/ (its checkpoint "tag")
@@ -197,6 +198,12 @@ def read_rng_state(iter_dir: PathLike, rank: int) -> Optional[dict]:
 
 
 # ----------------------------------------------------------------------------- DeepSpeed's files
+def has_deepspeed_files(iter_dir: PathLike) -> bool:
+    """True when ``iter_dir`` holds DeepSpeed's own files (``state/``: older mod-train, or written
+    with checkpoint.deepspeed_files=true)."""
+    return (Path(iter_dir) / DS_TAG).is_dir()
+
+
 def check_deepspeed_readable(cfg) -> None:
     """DeepSpeed's files can be read in one process only for a TP1/PP1/EP1/CP1 training layout."""
     par = cfg.parallel

@@ -1,6 +1,6 @@
-"""Where a run starts from: the same layout's DeepSpeed files, another layout's layout-free files
-(reshard), ``checkpoint.init_from`` weights, or nothing (a fresh run). Also the rollback of a
-running job to its last checkpoint.
+"""Where a run starts from: the layout-free files (model/ + optimizer/; any layout), the same
+layout's DeepSpeed files (checkpoints that hold them), ``checkpoint.init_from`` weights, or nothing
+(a fresh run). Also the rollback of a running job to its last checkpoint.
 
 Two phases, because ZeRO builds its fp32 partitions (and ZeRO-3 its parameter shards) from the
 weights the model holds when the engine is created:
@@ -26,16 +26,18 @@ class ResumePlan:
     reshard: bool  # written under another parallel layout
     init_from: Optional[str]  # weights for a fresh run
     say: Callable[[str], None] = print  # the main rank's console
+    layout_free: bool = False  # read model/ + optimizer/ (reshard, or no DeepSpeed files)
 
     @classmethod
     def of(cls, checkpointer: Checkpointer, resume: str, init_from: Optional[str],
            say: Callable[[str], None] = print) -> "ResumePlan":
         path = checkpointer.resolve(resume)
-        return cls(checkpointer, path, path is not None and checkpointer.needs_reshard(path), init_from, say)
+        return cls(checkpointer, path, path is not None and checkpointer.needs_reshard(path), init_from, say,
+                   path is not None and checkpointer.reads_layout_free(path))
 
     def load_weights(self, chunks: List) -> None:
         """Weights that do not come from DeepSpeed's files, into the chunks before the engine exists."""
-        if self.reshard:
+        if self.layout_free:
             self.checkpointer.load_weights_for_reshard(chunks, self.path)
         elif self.path is None and self.init_from:
             from mod_train.checkpoint.read import load_weights_from
@@ -51,10 +53,10 @@ class ResumePlan:
         """The engine's optimizer/LR state and the run's TrainState (a fresh one without a checkpoint)."""
         if self.path is None:
             return TrainState()
-        if self.reshard:
+        if self.layout_free:
             state = self.checkpointer.load_resharded(engine, self.path, scheduler)
-            self.say(f"resumed from {self.path} at step {state.step}, resharded from layout "
-                     f"{self.checkpointer.saved_layout(self.path)}")
+            self.say(f"resumed from {self.path} at step {state.step}" + (
+                f", resharded from layout {self.checkpointer.saved_layout(self.path)}" if self.reshard else ""))
             return state
         state = self.checkpointer.load(engine, self.path)
         self.say(f"resumed from {self.path} at step {state.step}")

@@ -1,19 +1,24 @@
 """What a checkpoint holds and how all ranks write/read it; the directory protocol is layout.py's.
 
-Every rank writes into the staging directory of the step (DeepSpeed: model shards, ZeRO
-optimizer partitions, LR scheduler; ours: per-rank RNG states, plus the layout-free ``model/``
-weights and ``optimizer/`` Adam moments of model_io.py); rank 0 then commits it atomically and
-moves the ``latest`` pointer. A crash before the commit leaves the previous checkpoint as the
-latest complete one.
+Every rank writes into the staging directory of the step: the layout-free ``model/`` weights and
+``optimizer/`` Adam moments (fp32 masters under bf16) of model_io.py, per-rank RNG states, and only
+with ``checkpoint.deepspeed_files`` DeepSpeed's own files (a second copy of the same state); rank 0
+then commits it atomically and moves the ``latest`` pointer. A crash before the commit leaves the
+previous checkpoint as the latest complete one. With ``checkpoint.async_save`` the layout-free
+copy is written in the background (background.py) and committed once every rank has finished.
 
-Resuming under the layout the checkpoint was written with loads DeepSpeed's files (bitwise
-exact). Under another layout (TP, PP, virtual PP, EP, DP size or ZeRO stage changed) the weights
-come from ``model/`` (loaded by the trainer before the engine is built) and the Adam moments from
-``optimizer/``; step, LR schedule position and consumed samples from complete.json.
+Resuming loads the weights from ``model/`` (before the engine is built: ZeRO makes its fp32
+partitions from them), then the Adam moments and their step count from ``optimizer/``, the LR
+schedule position, step and consumed samples from complete.json and, under the same layout, each
+rank's RNG states: bitwise exact under the same layout (tests/distributed/test_exact_resume.py)
+and continuing under any other (TP, PP, virtual PP, EP, DP size or ZeRO stage changed). A
+checkpoint that holds DeepSpeed's files (written by an older mod-train or with
+``checkpoint.deepspeed_files=true``) resumes from them under its own layout, as before.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 
 from mod_train.checkpoint import read
+from mod_train.checkpoint.background import BackgroundWrites
 from mod_train.checkpoint.layout import CheckpointDir
 from mod_train.checkpoint.read import DS_TAG, MODEL_DIR, OPTIM_DIR, RNG_DIR
 from mod_train.config.validate import expert_tensor_parallel_size
@@ -76,42 +82,71 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep_last: int, rank: int, layout: Optional[dict] = None):
+    def __init__(self, root: Path, keep_last: int, rank: int, layout: Optional[dict] = None, *,
+                 deepspeed_files: bool = False, async_save: bool = False,
+                 write_delay_s: Optional[float] = None):
         self.dir = CheckpointDir(root)
         self.keep_last = keep_last
         self.rank = rank
         # This run's parallel layout (LAYOUT_KEYS + world_size), recorded in complete.json.
         self.layout = dict(layout or {})
+        self.deepspeed_files = deepspeed_files
+        self.background = BackgroundWrites(write_delay_s) if async_save else None
 
     def save(self, engine, state: TrainState, metadata: dict) -> Path:
+        """Write the checkpoint of ``state.step`` (collective). Synchronous: committed on return.
+        Background (async_save): returns once the state is snapshotted; the final directory it
+        returns appears when ``poll``/``finish`` commit it. A save still in flight commits first."""
+        self.finish_pending()
         if self.rank == 0:
             staging = self.dir.begin(state.step)
         barrier()
         staging = self.dir.staging_dir(state.step)
-        engine.save_checkpoint(str(staging), tag=DS_TAG, client_state={"train_state": asdict(state)},
-                               save_latest=False)
-        self._save_layout_free(engine, staging, state, metadata)
+        if self.deepspeed_files:
+            engine.save_checkpoint(str(staging), tag=DS_TAG, client_state={"train_state": asdict(state)},
+                                   save_latest=False)
         rng_dir = staging / RNG_DIR
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), rng_dir / f"rank_{self.rank:05d}.pt")
-        barrier()
-        final = self.dir.final_dir(state.step)
+        record = {**metadata, "train_state": asdict(state)}  # as of this step, whenever it commits
+        if self.layout:
+            record["layout"] = self.layout
+        self._save_layout_free(engine, staging, state, metadata)
+        if self.background is None:
+            return self._commit(state.step, record)
+        self.background.arm(functools.partial(self._commit, state.step, record))
+        return self.dir.final_dir(state.step)
+
+    def _commit(self, step: int, record: dict) -> Path:
+        barrier()  # every rank's files are written
+        final = self.dir.final_dir(step)
         if self.rank == 0:
-            record = {**metadata, "train_state": asdict(state)}
-            if self.layout:
-                record["layout"] = self.layout
-            final = self.dir.commit(state.step, record, keep_last=self.keep_last)
+            final = self.dir.commit(step, record, keep_last=self.keep_last)
         barrier()
         return final
+
+    def poll(self) -> Optional[Path]:
+        """Commit the background save if every rank has finished writing it (collective; each step)."""
+        return self.background.poll() if self.background is not None else None
+
+    def finish_pending(self) -> Optional[Path]:
+        """Wait for the background save in flight, if any, and commit it (collective)."""
+        return self.background.finish() if self.background is not None else None
+
+    def abandon_pending(self) -> None:
+        """Stop a background write without committing it (on an error; local): ``latest`` stays."""
+        if self.background is not None:
+            self.background.abandon()
 
     def _save_layout_free(self, engine, staging: Path, state: TrainState, metadata: dict) -> None:
         from mod_train.checkpoint import model_io
 
         chunks = list(engine.module)
         info = {"layout": self.layout, "step": state.step, "config": metadata.get("config")}
-        with model_io.gathered_params(engine):
-            model_io.save_model(chunks, staging / MODEL_DIR, info=info)
-        model_io.save_optimizer(engine, chunks, staging / OPTIM_DIR)
+        schedule = self.background.schedule if self.background is not None else None
+        with model_io.gathered_params(engine):  # ZeRO-3: the writer forks while the weights are gathered
+            model_io.save_model(chunks, staging / MODEL_DIR, info=info, background=schedule)
+        model_io.save_optimizer(engine, chunks, staging / OPTIM_DIR, background=schedule)
 
     def resolve(self, resume: str) -> Optional[Path]:
         """The checkpoint to load, verified: rank 0 checks every file's size and checksum (marking a
@@ -143,9 +178,17 @@ class Checkpointer:
         saved, ours = _with_etp(saved), _with_etp(self.layout)
         return any(saved.get(k) != ours.get(k) for k in LAYOUT_KEYS)
 
+    def reads_layout_free(self, path: Path) -> bool:
+        """True when resuming ``path`` reads ``model/`` + ``optimizer/``: another layout's checkpoint,
+        or one without DeepSpeed's files (the default since checkpoint.deepspeed_files exists)."""
+        return self.needs_reshard(path) or not read.has_deepspeed_files(path)
+
     def load_weights_for_reshard(self, chunks, path: Path) -> None:
         """Weights from ``<path>/model`` into this layout's chunks (before the engine is built)."""
         if not read.has_model_dir(path):
+            if not self.needs_reshard(path):
+                raise RuntimeError(f"{path} holds neither layout-free weights ('{MODEL_DIR}/') nor DeepSpeed's "
+                                   f"files ('{DS_TAG}/'): it is not a complete mod-train checkpoint.")
             raise RuntimeError(
                 f"{path} was written with layout {_layout_text(self.saved_layout(path))} and this run uses "
                 f"{_layout_text(self.layout)}, but it has no layout-free '{MODEL_DIR}/' directory to reshard "
@@ -153,11 +196,12 @@ class Checkpointer:
         read.load_model_dir(chunks, path)
 
     def load_resharded(self, engine, path: Path, scheduler) -> TrainState:
-        """Continue from a checkpoint of another layout; weights are already in the chunks.
+        """Continue from the layout-free copy (``reads_layout_free``); weights are already in the chunks.
 
-        Adam moments come from ``<path>/optimizer`` (restarted from zero, with a warning, if it is
-        missing); step, LR schedule position and consumed samples from complete.json. Per-rank RNG
-        states belong to the old ranks and are not restored (they only matter with dropout).
+        Adam moments and their step count come from ``<path>/optimizer`` (restarted from zero, with a
+        warning, if it is missing); step, LR schedule position and consumed samples from
+        complete.json; under the same layout each rank's RNG states too (under another they belong
+        to the old ranks and are not restored: they only matter with dropout).
         """
         import logging
 
@@ -178,9 +222,19 @@ class Checkpointer:
         set_schedule_position(engine, scheduler, state.step)
         engine.global_steps = state.step
         engine.global_samples = state.consumed_train_samples
+        if not self.needs_reshard(path):
+            rng = read.read_rng_state(path, self.rank)
+            if rng is not None:
+                set_rng_state(rng)
         return state
 
     def load(self, engine, path: Path) -> TrainState:
+        """Everything of ``path`` into a built engine (a rollback), from whichever copy it holds."""
+        if self.reads_layout_free(path):
+            from mod_train.checkpoint import model_io
+
+            model_io.load_model_into_engine(engine, list(engine.module), path / MODEL_DIR)
+            return self.load_resharded(engine, path, engine.lr_scheduler)
         load_path, client = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:

@@ -16,10 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-# What one saved parameter costs on disk: DeepSpeed's files (weights in the training dtype plus
-# fp32 master weights and two Adam moments) and the layout-free copy (fp32 weights, two moments).
+# What one saved parameter costs on disk: the layout-free copy (weights in the training dtype, two
+# fp32 Adam moments, the fp32 master under bf16) and, with checkpoint.deepspeed_files, DeepSpeed's
+# files (weights in the training dtype plus fp32 master weights and two Adam moments).
 FP32_BYTES, ADAM_STATE_BYTES = 4, 12
-LAYOUT_FREE_BYTES = 4 + 8
+MOMENTS_BYTES = 8
 MARGIN = 1.1  # metadata, RNG states, pickling overhead
 
 
@@ -63,7 +64,10 @@ def estimate_parameters(cfg, derived) -> int:
 def estimate_checkpoint_bytes(cfg, derived) -> int:
     params = estimate_parameters(cfg, derived)
     weights = 2 if derived.bf16 else FP32_BYTES
-    return int(params * (weights + ADAM_STATE_BYTES + LAYOUT_FREE_BYTES) * MARGIN)
+    per_param = weights + MOMENTS_BYTES + (FP32_BYTES if derived.bf16 else 0)
+    if cfg.checkpoint.deepspeed_files:
+        per_param += weights + ADAM_STATE_BYTES
+    return int(params * per_param * MARGIN)
 
 
 def _human(n: float) -> str:
@@ -101,7 +105,7 @@ def check_storage(root: Path, bytes_needed: int, what: str = "checkpoint.dir") -
         raise StorageError(errno.ENOSPC, f"{what}: not enough free space for a checkpoint in {root}: "
                                          f"{_human(free)} free ({free} bytes), one checkpoint needs about "
                                          f"{_human(bytes_needed)} ({bytes_needed} bytes, estimated from the "
-                                         f"model's parameters with Adam states and the layout-free copy). Free "
+                                         f"model's parameters with their Adam states). Free "
                                          f"space or point {what} at a larger file system.")
 
 

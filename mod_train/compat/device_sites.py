@@ -58,6 +58,16 @@ DEVICE_SITES: Tuple[Tuple[str, Tuple[str, ...], str], ...] = (
     ("megatron.core.transformer.moe.moe_utils",
      ('tracker[key]["values"] = torch.zeros(num_layers, device="cuda")',),
      "track_moe_metrics(force_initialize=True) allocates the aux-loss log tracker on CUDA"),
+    # checkpoint.async_save: megatron's background checkpoint writer.
+    ("megatron.core.dist_checkpointing.strategies.async_utils",
+     ("torch.cuda.synchronize()", "device=torch.cuda.current_device()"),
+     "AsyncCallsQueue: synchronize before forking the writer, 'all ranks done' all-reduce on the device"),
+    ("megatron.core.dist_checkpointing.strategies.filesystem_async",
+     ("torch.cuda.synchronize()",),
+     "FileSystemWriterAsync.preload_tensors: synchronize after the device-to-host copies"),
+    ("megatron.core.dist_checkpointing.strategies.state_dict_saver",
+     ("device=torch.cuda.current_device()",),
+     "save_state_dict_async_finalize: the write-failure flag all-reduced on the device"),
 )
 
 

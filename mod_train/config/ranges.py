@@ -122,6 +122,8 @@ def _rules(cfg: Config, world_size: int) -> Iterable[Rule]:
         ("train.spike.threshold_sigmas", tr.spike.threshold_sigmas, _above(0), "> 0"),
         ("train.inject.spike_factor", tr.inject.spike_factor, _above(0), "> 0"),
         ("train.inject.hang_s", tr.inject.hang_s, _above(0), "> 0 seconds"),
+        ("train.inject.checkpoint_write_delay_s", tr.inject.checkpoint_write_delay_s, _optional(_above(0)),
+         "> 0 seconds (or null)"),
         # ---- checkpoint (keep_last=0 used to keep every checkpoint silently)
         ("checkpoint.save_interval", ck.save_interval, _at_least(1), ">= 1"),
         ("checkpoint.keep_last", ck.keep_last, _at_least(1),

@@ -347,6 +347,9 @@ class InjectConfig:
     skip_update_at_step: Optional[int] = None  # skip this step's update (finite loss): reference runs
     hang_at_step: Optional[int] = None  # sleep (hang) at the start of this step
     hang_s: float = 3600.0
+    # Each background checkpoint write (checkpoint.async_save) sleeps this long before writing, so a
+    # test can kill -9 the job while a write is in flight.
+    checkpoint_write_delay_s: Optional[float] = None
     ranks: Optional[List[int]] = None  # the global ranks the faults apply to (None: all)
 
 
@@ -391,6 +394,14 @@ class CheckpointConfig:
     # Start from these weights instead of the random init (ignored when resuming): a directory written
     # by mod_train.checkpoint.model_io.save_model, or a checkpoint iter_N/ (its model/), any layout.
     init_from: Optional[str] = None
+    # Write the checkpoint in the background: the loop waits only for a host snapshot of the state
+    # (megatron dist-checkpointing's async save); the checkpoint becomes `latest` once every rank's
+    # write has finished (checked at the following steps, the next save, or the end of the run).
+    async_save: bool = False
+    # Also write DeepSpeed's own files (state/): a second copy of weights and optimizer state that
+    # resume does not need (model/ + optimizer/ + rng/ resume bitwise and reshard); for tools that
+    # read DeepSpeed's format (zero_to_fp32). Synchronous only.
+    deepspeed_files: bool = False
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Exact resume: 20 steps straight == 10 steps, stop, resume, 10 steps (bitwise on CPU fp32),
-for ZeRO stages 1, 2, 3 and for the MoD model. One torchrun launch (2 ranks) runs every case."""
+for ZeRO stages 1, 2, 3 (also with checkpoint.async_save) and for the MoD model. The checkpoints hold
+one copy of the state (model/ + optimizer/ + rng/, no DeepSpeed files): that copy alone resumes
+bitwise. One torchrun launch (2 ranks) runs every case."""
 
 import json
 
@@ -11,6 +13,9 @@ CASES = {
     "zero1": ["parallel.zero_stage=1"],
     "zero2": ["parallel.zero_stage=2"],
     "zero3": ["parallel.zero_stage=3"],
+    # The checkpoints of step 5/10/15 are written in the background (forked while ZeRO-3's weights are
+    # gathered) and committed a step later; the resume reads the one of step 10.
+    "zero3_async": ["parallel.zero_stage=3", "checkpoint.async_save=true"],
     "mod_zero1": ["model=tiny_mod", "model.num_layers=2", "model.hidden_size=32", "model.seq_length=32",
                   "model.mod.capacity=0.25", "parallel.zero_stage=1", "train.eval_interval=10", "train.eval_iters=1"],
     # Upcycling's capacity schedule (1.0 -> 0.25 in 4 phases over 16 steps) continues across the stop.

@@ -23,8 +23,9 @@ from mod_train.checkpoint import integrity
 from mod_train.checkpoint.layout import CheckpointDir
 
 REPO = Path(__file__).resolve().parents[2]
+# checkpoint.deepspeed_files: the second copy too, so damage to each kind of file is covered.
 ARGS = ["data=mock", "model.vocab_size=256", "tracking.enabled=false", "parallel.zero_stage=1",
-        "checkpoint.save_interval=2", "checkpoint.keep_last=3"]
+        "checkpoint.save_interval=2", "checkpoint.keep_last=3", "checkpoint.deepspeed_files=true"]
 # Every kind of file a checkpoint holds (complete.json is tested on its own: it cannot list itself).
 FILES = [
     "state/mp_rank_00_model_states.pt",  # DeepSpeed model states

@@ -55,12 +55,12 @@ def test_upstream_check_passes(patch):
 
 
 def test_patch_names_unique_and_documented():
-    assert len(set(ALL_NAMES)) == len(ALL_NAMES) == 19
+    assert len(set(ALL_NAMES)) == len(ALL_NAMES) == 22
     assert all(p.target and isinstance(p.family, Family) for p in PATCHES)
     # The one adaptation that is not about the CPU is named as such, and only it.
     assert [(p.name, p.family) for p in PATCHES if not p.cpu_only] == [("moe-te-general-gemm", Family.no_te)]
     assert {p.family for p in PATCHES} == set(Family)
-    assert sum(p.name.startswith("cuda-device:") for p in PATCHES) == 10  # the device-site table
+    assert sum(p.name.startswith("cuda-device:") for p in PATCHES) == 13  # the device-site table
 
 
 def test_upstream_check_fails_loudly_when_upstream_changes(monkeypatch):

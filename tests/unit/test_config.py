@@ -43,6 +43,8 @@ def test_defaults_validate_and_derive_layout():
     (["model=tiny_mod", "model.mod.layers=[7]"], 1, "out of range for model.num_layers=4"),
     (["model=tiny_mod", "model.mod.capacity=0.001"], 1, "rounds to k=0"),
     (["parallel.cp=2"], 2, "context parallelism is not supported"),
+    (["checkpoint.async_save=true", "checkpoint.deepspeed_files=true"], 1, "set checkpoint.deepspeed_files=false"),
+    (["train.inject.checkpoint_write_delay_s=2"], 1, "it needs checkpoint.async_save=true"),
     (["model=tiny_mod", "model.mod.capacity=0.05", "parallel.tp=2", "parallel.sequence_parallel=true"], 2,
      "routes k=3 tokens, which sequence parallel cannot split over parallel.tp=2"),
 ])

@@ -55,13 +55,24 @@ class FakeCheckpoints:
     def __init__(self, runner, interval=None, enabled=True, max_steps=10):
         self.runner, self.interval, self.enabled, self.max_steps = runner, interval, enabled, max_steps
         self.saved = {}  # step -> (state copy, weight)
+        self.calls = []  # (what, step): saves and the background-save hooks, in order
 
     def due(self, step, stopping):
         return self.enabled and ((self.interval and step % self.interval == 0) or step == self.max_steps or stopping)
 
     def save(self, state):
         self.saved[state.step] = (TrainState(**vars(state)), self.runner.weight)
+        self.calls.append(("save", state.step))
         return Path(f"iter_{state.step}")
+
+    def poll(self):
+        self.calls.append(("poll", len(self.runner.applied)))
+
+    def finish(self):
+        self.calls.append(("finish", len(self.runner.applied)))
+
+    def abandon(self):
+        self.calls.append(("abandon", len(self.runner.applied)))
 
     def restore_last(self, current):
         if not self.saved:
@@ -132,6 +143,34 @@ def test_hooks_in_order_with_eval_and_checkpoints():
     assert rec.events[-1] == ("stop", 4, "max_steps")
     # evaluation comes before the checkpoint of the same step
     assert rec.events.index(("eval", 2, {"valid lm loss": 15.0})) < rec.events.index(("save", 2, False))
+
+
+def test_a_background_save_commits_after_later_steps_or_at_the_end_and_is_dropped_on_an_error():
+    """checkpoint.async_save's contract with the loop: every step polls (commit once every rank has
+    written), a normal end waits for the save in flight (finish) before on_stop; an error drops it
+    (abandon: never committed, ``latest`` stays the previous checkpoint) and no finish runs."""
+    trainer, _, rec, ckpt = make_trainer(max_steps=4, interval=2)
+    trainer.fit()
+    assert ckpt.calls == [("poll", 1), ("poll", 2), ("save", 2), ("poll", 3), ("poll", 4), ("save", 4),
+                          ("finish", 4)]
+    assert rec.events[-1] == ("stop", 4, "max_steps")
+    trainer, _, _, ckpt = make_trainer(max_steps=10, exit_interval=3)  # stopping (exit_interval, a signal)
+    trainer.fit()
+    assert ckpt.calls[-2:] == [("save", 3), ("finish", 3)]
+
+    trainer, runner, rec, ckpt = make_trainer(max_steps=6, interval=2)
+    step = runner.train_step
+
+    def failing(batches, policy, number, loss_factor):
+        if number == 3:
+            raise RuntimeError("rank failure")
+        return step(batches, policy, number, loss_factor)
+
+    runner.train_step = failing
+    with pytest.raises(RuntimeError, match="rank failure"):
+        trainer.fit()
+    assert ckpt.calls == [("poll", 1), ("poll", 2), ("save", 2), ("abandon", 2)]
+    assert rec.events[-1] == ("stop", 2, "error")
 
 
 def test_exit_interval_and_stop_signal():
