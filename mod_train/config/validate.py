@@ -393,6 +393,16 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
 
     # ---- checkpoints / logging
     _require(cfg.checkpoint.save_interval >= 1, "checkpoint.save_interval must be >= 1.")
+    # DeepSpeed 0.19.8's engine.save_checkpoint writes synchronously (its decoupled/fast engines need
+    # the DeepNVMe async_io op, Nebula and DataStates external services); a background save writes the
+    # layout-free copy only.
+    _require(not (cfg.checkpoint.async_save and cfg.checkpoint.deepspeed_files),
+             "checkpoint.async_save=true writes the layout-free copy (model/, optimizer/) in the background, "
+             "DeepSpeed's own files only synchronously: set checkpoint.deepspeed_files=false (resume and reshard "
+             "do not need them) or checkpoint.async_save=false.")
+    _require(tr.inject.checkpoint_write_delay_s is None or cfg.checkpoint.async_save,
+             "train.inject.checkpoint_write_delay_s delays the background checkpoint write: it needs "
+             "checkpoint.async_save=true.")
     _require(tr.log_interval >= 1, "train.log_interval must be >= 1.")
     if tr.exit_interval is not None:
         _require(tr.exit_interval >= 1, "train.exit_interval must be >= 1 (or null).")

@@ -58,6 +58,56 @@ def test_kill_minus_9_during_save_keeps_previous_checkpoint(tmp_path, tiny_data)
 
 
 @pytest.mark.slow
+def test_kill_minus_9_during_a_background_save_keeps_previous_checkpoint(tmp_path):
+    """checkpoint.async_save: the job is killed while the writer of step 6's checkpoint is in flight
+    (held back by train.inject.checkpoint_write_delay_s, so the moment is deterministic): the
+    checkpoint of step 3 stays latest, the next start removes the stale staging directory and
+    finishes from step 3. One rank (the commit agreement of two is test_exact_resume's zero3_async)."""
+    from mod_train.distributed.world import free_port
+
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints"
+    args = ["data=mock", "model.vocab_size=256", "tracking.enabled=false", "train.max_steps=8",
+            "train.log_interval=1", "checkpoint.save_interval=3", "checkpoint.keep_last=2",
+            "checkpoint.async_save=true", f"train.run_dir={run_dir}"]
+
+    def train(*extra):
+        env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+        env.pop("MOD_TRAIN_RUN_LOCK", None)
+        return [sys.executable, "-m", "mod_train.train", *args, *extra], env
+
+    cmd, env = train("train.inject.checkpoint_write_delay_s=6")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    staging = ckpt / ".staging_iter_0000006"
+    deadline = time.time() + 240
+    try:
+        # save(6) commits step 3 (waiting for its writer) before it creates the staging directory of 6
+        while time.time() < deadline and proc.poll() is None and not staging.is_dir():
+            time.sleep(0.02)
+        assert staging.is_dir(), "the save of step 6 never started"
+        assert CheckpointDir(ckpt).find_latest()[0] == 3
+        kill_tree(proc.pid)  # the job and its writer processes, while step 6's writer waits
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+    assert not (staging / "model" / "metadata.json").exists()  # its write had not finished
+    latest = CheckpointDir(ckpt).find_latest()
+    assert latest[0] == 3 and read_metadata(latest[1])["train_state"]["step"] == 3
+
+    cmd, env = train()
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert f"resumed from {latest[1]} at step 3" in r.stdout, r.stdout[-3000:]
+    assert "committed checkpoint" in r.stdout
+    assert [s for s, _ in CheckpointDir(ckpt).list_complete()] == [6, 8]
+    assert not list(ckpt.glob(".staging_*"))
+    steps = losses(run_dir)
+    assert all(s in steps for s in range(1, 9))
+
+
+@pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path):
     """Tokenizer -> indexed data -> 2-process training that stops half-way -> resume -> MLflow."""
     from mlflow.tracking import MlflowClient
