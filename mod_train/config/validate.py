@@ -408,6 +408,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         _require(tr.exit_interval >= 1, "train.exit_interval must be >= 1 (or null).")
     _validate_resilience(cfg)
 
+    if tr.precision == "fp8":
+        _validate_fp8_shapes(cfg, ffn, mod_caps)
     # Last: a config error is reported without waiting seconds for torch to import.
     avail = probe_kernels(has_cuda)
     has_cuda = avail.cuda
@@ -508,6 +510,27 @@ def _validate_recompute(cfg: Config, moe_layers: List[int]) -> None:
                  f"model.recompute.modules has moe_act, which megatron-core implements only inside its grouped "
                  f"expert MLP, and model.moe.grouped_gemm falls back to the sequential experts here: {missing}. "
                  f"Use moe instead of moe_act.")
+
+
+def _validate_fp8_shapes(cfg: Config, ffn: int, mod_caps: List[float]) -> None:
+    """Transformer Engine runs an fp8 GEMM only on matrices with rows divisible by 8 and columns by 16
+    (its check_dim_for_fp8_exec, for inputs and weights); otherwise it stops the run mid-step. Expert
+    inputs are padded by megatron-core itself; the output layer is not fp8."""
+    m, par = cfg.model, cfg.parallel
+    kv = m.hidden_size // m.num_attention_heads
+    widths = [("model.hidden_size", m.hidden_size), ("FFN hidden size / parallel.tp", ffn // par.tp),
+              ("attention heads x head dim / parallel.tp", m.num_attention_heads * kv // par.tp)]
+    for what, n in widths:
+        _require(n % 16 == 0, f"train.precision=fp8: Transformer Engine's fp8 GEMMs need matrix widths divisible "
+                              f"by 16, and {what} = {n}. Change the model size (or parallel.tp), or use "
+                              f"train.precision=bf16.")
+    rows = [("model.seq_length x parallel.micro_batch_size", m.seq_length * par.micro_batch_size)]
+    rows += [(f"a MoD layer's routed tokens (capacity {c} x seq_length) x micro_batch_size",
+              round(c * m.seq_length) * par.micro_batch_size) for c in sorted(set(mod_caps))]
+    for what, n in rows:
+        _require(n % 8 == 0, f"train.precision=fp8: Transformer Engine's fp8 GEMMs need token counts divisible by 8, "
+                             f"and {what} = {n}. Change model.seq_length, parallel.micro_batch_size or the MoD "
+                             f"capacity, or use train.precision=bf16.")
 
 
 def _validate_resilience(cfg: Config) -> None:

@@ -121,6 +121,7 @@ def equivalence_runs(tmp_path_factory, tiny_data):
         spec.write_text(json.dumps({"jobs": jobs}))
         r = torchrun(world, ["-m", "tests.distributed.equivalence_driver", str(spec)], timeout=600)
         assert r.returncode == 0, f"world {world}:\n" + r.stdout[-3000:] + r.stderr[-5000:]
+        (out / f"stdout_world{world}.txt").write_text(r.stdout)
     return out
 
 
@@ -180,3 +181,17 @@ def test_etp_checkpoint_exports_to_the_single_process_weights(equivalence_runs, 
     for name, w in want["state_dict"].items():
         # 5 Adam steps on gradients that agree to ~1e-7 (TP sums in another order).
         torch.testing.assert_close(got["state_dict"][name], w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_every_run_prints_its_fusion_decisions_once(equivalence_runs):
+    """validate decides the fused kernels once (model/fusions.py); rank 0 of each run prints them in
+    one line: all off on this CPU machine, each with its reason."""
+    for world in (1, 2, 4):
+        lines = [ln for ln in (equivalence_runs / f"stdout_world{world}.txt").read_text().splitlines()
+                 if ln.startswith("fusions: ")]
+        runs = sum(1 for _, (w, *_) in CASES.items() if w == world) + (len(MODELS) if world == 1 else 0)
+        assert len(lines) == runs, (world, lines[:3])
+        assert all(ln.startswith("fusions: bias_activation=off (no CUDA device), bias_dropout=off (no CUDA device)")
+                   and "gradient_accumulation=off (DeepSpeed reduces gradients" in ln and "fp8=off" in ln
+                   for ln in lines)

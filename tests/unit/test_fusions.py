@@ -84,6 +84,16 @@ def test_fp8_is_refused_here_before_any_process_group():
     assert d.bf16 and d.fusions.fp8.on
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.hidden_size=72", "model.num_attention_heads=4"], "widths divisible by 16, and model.hidden_size = 72"),
+    (["model.seq_length=36", "parallel.micro_batch_size=1"], "token counts divisible by 8, and model.seq_length x"),
+    (["model=tiny_mod", "model.mod.capacity=0.1", "parallel.micro_batch_size=1"], "a MoD layer's routed tokens"),
+])
+def test_fp8_shapes_transformer_engine_cannot_run_are_refused_on_any_machine(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        validate(_cfg("train.precision=fp8", *overrides), world_size=1, check_files=False, has_cuda=True)
+
+
 def test_cpu_transformer_config_has_the_fusions_off_and_the_start_line_lists_them():
     from mod_train.model.build import transformer_config
 
