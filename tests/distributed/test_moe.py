@@ -130,3 +130,24 @@ def test_mode_checkpoints_written_with_ep2_generate_text(moe_runs):
         text = runs[0].stdout.strip().splitlines()[-1]
         assert text.startswith("def") and len(text) > len("def"), text
         assert runs[1].stdout == runs[0].stdout
+
+
+@pytest.mark.slow
+def test_expert_bias_of_an_ep2_checkpoint_loads_into_one_process(moe_runs, tmp_path):
+    """The expert bias travels with the layout-free model/ copy: mod-export (one process, EP1) of the
+    EP2 run's step-10 checkpoint holds the bias that step 11 routed with (its logged max |bias|)."""
+    import subprocess
+    import sys
+
+    from mod_train.inference.export import load_export
+    from tests.helpers_train import REPO
+
+    resumed = moe_runs / "resume_expert_bias" / "resumed"
+    out = tmp_path / "expert_bias.pt"
+    r = subprocess.run([sys.executable, "-m", "mod_train.export", "--checkpoint", str(resumed / "checkpoints"),
+                        "--iter", "10", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    bias = load_export(out)["state_dict"]["decoder.layers.1.mlp.router.expert_bias"]
+    assert bias.shape == (4,)
+    logged = losses(resumed, "moe/layer2/expert_bias_max_abs")[11]
+    assert logged > 0 and float(bias.abs().max()) == logged
