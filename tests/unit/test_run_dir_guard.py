@@ -128,33 +128,44 @@ def _ranks_when_training(launcher: subprocess.Popen, run: Path, timeout: float =
 
 def test_second_launch_is_refused_and_no_rank_outlives_a_killed_or_stopped_launcher(tmp_path):
     """Two launches at once (their start-up costs overlap): A is the target of a second launch and
-    a direct mod_train.train (both refused, owner named), then its process group is SIGKILLed; B
-    gets SIGTERM (the launcher alone), stops its ranks and releases its lock."""
+    a direct mod_train.train (both refused, owner named, started together), then its process group
+    is SIGKILLed; B gets SIGTERM (the launcher alone), stops its ranks and releases its lock.
+    A's ranks sleep from their second step on (an injected hang): alive, holding the lock, but not
+    taking the CPU from B's start and the refused commands (the kill does not care what they do)."""
     import psutil
 
     runs = {k: tmp_path / k for k in "AB"}
-    procs = {k: subprocess.Popen([sys.executable, "-m", "launch.local", "--nproc", "2", *_tiny_overrides(run)],
+    idle = {"A": ["train.inject.hang_at_step=2"], "B": []}
+    procs = {k: subprocess.Popen([sys.executable, "-m", "launch.local", "--nproc", "2", *_tiny_overrides(run),
+                                  *idle[k]],
                                  cwd=REPO, env=_launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  text=True, start_new_session=True) for k, run in runs.items()}
-    ranks = {}
+    ranks, refused = {}, {}
     try:
         ranks = {k: _ranks_when_training(procs[k], runs[k]) for k in "AB"}
         first = procs["A"]
-        second = subprocess.run([sys.executable, "-m", "launch.local", "--nproc", "2", *_tiny_overrides(runs["A"])],
-                                cwd=REPO, env=_launch_env(), capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2, second.stderr[-3000:]
-        assert "in use by another job" in second.stderr and f"PID {first.pid}" in second.stderr, second.stderr
-        assert socket.gethostname() in second.stderr
-        direct = subprocess.run([sys.executable, "-m", "mod_train.train", *_tiny_overrides(runs["A"])], cwd=REPO,
-                                env={**_launch_env(), "RANK": "0", "WORLD_SIZE": "1"}, capture_output=True,
-                                text=True, timeout=120)
-        assert direct.returncode == 2 and f"PID {first.pid}" in direct.stderr, direct.stderr[-3000:]
+        refused = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True)
+                   for name, cmd, env in (
+                       ("second", [sys.executable, "-m", "launch.local", "--nproc", "2", *_tiny_overrides(runs["A"])],
+                        _launch_env()),
+                       ("direct", [sys.executable, "-m", "mod_train.train", *_tiny_overrides(runs["A"])],
+                        {**_launch_env(), "RANK": "0", "WORLD_SIZE": "1"}))}
+        err = {name: p.communicate(timeout=120)[1] for name, p in refused.items()}
+        assert refused["second"].returncode == 2, err["second"][-3000:]
+        assert "in use by another job" in err["second"] and f"PID {first.pid}" in err["second"], err["second"]
+        assert socket.gethostname() in err["second"]
+        assert refused["direct"].returncode == 2 and f"PID {first.pid}" in err["direct"], err["direct"][-3000:]
 
         os.killpg(first.pid, signal.SIGKILL)  # A: the launcher's whole process group, as a user would
         first.wait()
         os.kill(procs["B"].pid, signal.SIGTERM)  # B: the launcher alone (a job's termination)
         assert procs["B"].wait(timeout=120) != 0
     finally:
+        for proc in refused.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         for proc in procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
