@@ -36,6 +36,20 @@ def megatron_tp1(world_of_one):
 
 
 @pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """(folder, URI) of one migrated sqlite MLflow store for the session (creating one costs
+    seconds of migrations); tests keep apart by experiment name."""
+    from mlflow import MlflowClient
+
+    from mod_train.tracking import default_tracking_uri
+
+    root = tmp_path_factory.mktemp("mlflow_store")
+    uri = default_tracking_uri(root)
+    MlflowClient(tracking_uri=uri).search_experiments()
+    return root, uri
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """The port of one real ``mlflow server`` (sqlite store) for the session's outage tests, each
     behind its own tests.mlflow_server.OutageProxy (starting a server costs seconds of imports).

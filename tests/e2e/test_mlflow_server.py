@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mod_train.tracking import MetricsJsonl, MlflowTracker, default_tracking_uri, flatten_config
+from mod_train.tracking import MetricsJsonl, MlflowTracker, flatten_config
 from mod_train.tracking.flatten import PER_INVOCATION_KEYS
 from mod_train.tracking.metrics_jsonl import merged_rows, metrics_by_step
 from mod_train.tracking.run_files import LOSS_PLOT
@@ -213,14 +213,9 @@ def test_training_logs_to_server_through_outages_and_resume(tmp_path, tiny_data)
 # ---- mod-mlflow-sync on a local store --------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One migrated sqlite store for the module (creating one costs seconds of migrations)."""
-    from mlflow import MlflowClient
-
-    root = tmp_path_factory.mktemp("sync_store")
-    uri = default_tracking_uri(root)
-    MlflowClient(tracking_uri=uri).search_experiments()
-    return uri
+def store(mlflow_store):
+    """The session's migrated sqlite store (creating one costs seconds of migrations)."""
+    return mlflow_store[1]
 
 
 def _fake_run_dir(path: Path, steps, experiment: str, uri: str) -> Path:

@@ -34,14 +34,9 @@ LOGGER = "mod_train.tracking.mlflow_run"
 # ---- fixtures ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One migrated sqlite store for the module (creating one costs ~5 s of MLflow migrations)."""
-    from mlflow import MlflowClient
-
-    root = tmp_path_factory.mktemp("mlflow_store")
-    uri = default_tracking_uri(root)
-    MlflowClient(tracking_uri=uri).search_experiments()
-    return root, uri
+def store(mlflow_store):
+    """The session's migrated sqlite store (creating one costs ~5 s of MLflow migrations)."""
+    return mlflow_store
 
 
 @pytest.fixture
