@@ -17,12 +17,17 @@ def _train_cmd(overrides):
             "--master-port", str(free_port()), "-m", "mod_train.train", *overrides]
 
 
+# Enough steps for the watcher to catch a save in the act (almost always the third; every step
+# saves); the resumed run pays a save per step left, so no more than that.
+KILL_RUN_STEPS = 12
+
+
 @pytest.mark.slow
 def test_kill_minus_9_during_save_keeps_previous_checkpoint(tmp_path, tiny_data):
     run_dir = tmp_path / "run"
     # A wider model makes each save take long enough to be caught in the act; save every step.
     ov = tiny_overrides(tiny_data, "model.hidden_size=256", "model.num_attention_heads=4",
-                        "checkpoint.save_interval=1", "checkpoint.keep_last=2", "train.max_steps=40",
+                        "checkpoint.save_interval=1", "checkpoint.keep_last=2", f"train.max_steps={KILL_RUN_STEPS}",
                         "parallel.zero_stage=2") + run_dir_overrides(run_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_train_cmd(ov), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -54,7 +59,7 @@ def test_kill_minus_9_during_save_keeps_previous_checkpoint(tmp_path, tiny_data)
     assert r.returncode == 0, r.stderr[-4000:]
     assert f"resumed from {latest[1]} at step {latest[0]}" in r.stdout, r.stdout[-3000:]
     steps = losses(run_dir)
-    assert max(steps) == 40 and all(s in steps for s in range(latest[0] + 1, 41))
+    assert max(steps) == KILL_RUN_STEPS and all(s in steps for s in range(latest[0] + 1, KILL_RUN_STEPS + 1))
 
 
 @pytest.mark.slow
