@@ -15,6 +15,8 @@ bench scripts with PYTHONPATH=<site>:<repo>:
   throughput  bench/throughput.py per preset: ms/step, tokens/s, TFLOP/s, MFU (vs the env part's
               peak), peak memory, x its dense twin; the dense presets against bench/reference_gpt.py
   mod_layer   bench/mod_layer.py: the MoD layer at capacity 1.0/0.5/0.25/0.125 vs dense
+  memory      bench/memory.py: peak memory of a training step without activation recomputation,
+              selective (mlp) and full (torch.cuda.max_memory_allocated), x no recomputation
   sampling    the dense and MoD twins trained for a share of the budget on the bundled corpus (stopped
               by SIGTERM, which checkpoints), then bench/sampling.py at batch 1 and 32
   isoflop     bench/isoflop.py (dense vs MoD) at the largest FLOP budget that fits the time left,
@@ -47,11 +49,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 
-PARTS = ("env", "smoke", "throughput", "mod_layer", "sampling", "isoflop")
+PARTS = ("env", "smoke", "throughput", "mod_layer", "memory", "sampling", "isoflop")
 # Time shares at GPU scale, where a preset's run costs its steps; at tiny scale every child costs
 # about its start-up (imports), so the shares are more even.
-SHARES = {"env": 0.03, "smoke": 0.14, "throughput": 0.45, "mod_layer": 0.06, "sampling": 0.22, "isoflop": 0.10}
-TINY_SHARES = {"env": 0.05, "smoke": 0.30, "throughput": 0.30, "mod_layer": 0.08, "sampling": 0.20, "isoflop": 0.07}
+SHARES = {"env": 0.03, "smoke": 0.14, "throughput": 0.40, "mod_layer": 0.06, "memory": 0.07, "sampling": 0.20,
+          "isoflop": 0.10}
+TINY_SHARES = {"env": 0.05, "smoke": 0.30, "throughput": 0.30, "mod_layer": 0.08, "memory": 0.05, "sampling": 0.17,
+               "isoflop": 0.05}
 # bf16 on the GPU against fp32 on the CPU, same seed and synthetic data: the largest difference of
 # the LM loss at any logged step (nats) that still counts as tracking.
 SMOKE_LOSS_TOL = 0.1
@@ -78,6 +82,7 @@ class Scale:
     isoflop_variants: str
     shares: Dict[str, float]
     prior_s: Dict[str, float] = field(default_factory=dict)
+    memory_args: Tuple[str, ...] = ()  # bench/memory.py's
 
 
 SCALES = {
@@ -93,7 +98,8 @@ SCALES = {
         train_args=("parallel.micro_batch_size=8", "optim.lr=6e-4", "optim.min_lr=6e-5"),
         tokenizer_vocab=8192, isoflop_dense="gpt_125m", isoflop_variants="dense,mod", shares=SHARES,
         prior_s={"smoke": 60, "throughput": 35, "reference": 60, "mod_layer": 40,
-                 "prep": 40, "train": 60, "sample": 60, "isoflop_startup": 30, "isoflop": 120}),
+                 "prep": 40, "train": 60, "sample": 60, "isoflop_startup": 30, "isoflop": 120, "memory": 60},
+        memory_args=("--scale", "gpu")),
     "tiny": Scale(
         smoke_models=("tiny", "tiny_mod"),
         throughput_models=("tiny", "tiny_mod", "tiny_moe", "tiny_mode_staged", "tiny_mode_integrated"),
@@ -107,7 +113,10 @@ SCALES = {
         tokenizer_vocab=512, isoflop_dense="tiny", isoflop_variants="dense,mod", shares=TINY_SHARES,
         # on 2 idle CPU cores; a child costs ~8 s of imports and start-up
         prior_s={"smoke": 12, "throughput": 12, "reference": 8, "mod_layer": 10,
-                 "prep": 10, "train": 12, "sample": 12, "isoflop_startup": 10, "isoflop": 40}),
+                 "prep": 10, "train": 12, "sample": 12, "isoflop_startup": 10, "isoflop": 40, "memory": 25},
+        # one fresh process per setting on the CPU (its resident-set high-water mark)
+        memory_args=("--scale", "cpu", "--settings", "none,full", "--zero", "none", "model.num_layers=2",
+                     "model.seq_length=256")),
 }
 
 
@@ -463,6 +472,19 @@ def part_mod_layer(ctx: Context) -> None:
     item(ctx, "mod_layer", "capacities", ctx.scale.prior_s["mod_layer"], run)
 
 
+def part_memory(ctx: Context) -> None:
+    def run() -> dict:
+        code, out, _ = ctx.run("memory", "recompute", [sys.executable, str(BENCH / "memory.py"),
+                                                        *ctx.scale.memory_args])
+        parsed = result_line(out)
+        res = outcome(code, out, parsed)
+        if parsed:
+            res.update(rows=parsed["rows"], overrides=parsed["overrides"])
+        return res
+
+    item(ctx, "memory", "recompute", ctx.scale.prior_s["memory"], run)
+
+
 def prepared_data(ctx: Context) -> Optional[Tuple[Path, Path]]:
     """(tokenizer model, indexed prefix) of the bundled corpus, made once for sampling and isoflop."""
     data = ctx.work / "data"
@@ -586,6 +608,7 @@ def part_isoflop(ctx: Context) -> None:
 
 
 PART_FUNCS = {"env": part_env, "smoke": part_smoke, "throughput": part_throughput, "mod_layer": part_mod_layer,
+              "memory": part_memory,
               "sampling": part_sampling, "isoflop": part_isoflop}
 
 
@@ -658,6 +681,21 @@ def render_summary(results: dict) -> str:
                     f"| {fmt(ml.get('dense_ms'), '.2f')} | " + " | ".join(f"{v:.3f}" for v in caps.values()) + " |", ""]
         else:
             out += [f"{ml['status']}: {ml.get('reason', ml.get('error', ''))}", ""]
+    mem = parts.get("memory", {}).get("items", {}).get("recompute")
+    if mem:
+        out += ["## Memory (bench/memory.py: peak of a training step, activation recomputation)", ""]
+        if mem.get("rows"):
+            out += [f"`{' '.join(mem['overrides'])}`; per rank, MB.", "",
+                    "| setting | ZeRO | DP | before | peak | step | x none | s/step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            for r in mem["rows"]:
+                if "error" in r:
+                    out.append(f"| {r['setting']} | {r['zero']} | {r['dp']} | failed: {r['error']} | | | | |")
+                    continue
+                out.append(f"| {r['setting']} | {r['zero']} | {r['dp']} | {r['before'] / 1e6:.0f} | {r['peak'] / 1e6:.0f} | "
+                           f"{r['step'] / 1e6:.0f} | {fmt(r.get('x_none'), '.3f')} | {fmt(r.get('s_per_step'), '.2f')} |")
+        else:
+            out.append(f"{mem['status']}: {mem.get('reason', mem.get('error', ''))}")
+        out.append("")
     sam = parts.get("sampling", {}).get("items", {})
     if sam:
         out += ["## Sampling (bench/sampling.py, twins trained on the bundled corpus)", ""]
