@@ -198,3 +198,13 @@ def test_grouped_experts_equal_sequential_experts(megatron_tp1):
         outs.append((out.detach(), xi.grad))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_hugging_face_export_refuses_expert_bias_routing():
+    from mod_train.hf.export import HFExportError, choose_target
+
+    cfg = to_config(compose(["model.vocab_size=500", "model=tiny_moe", "model.moe.load_balancing=expert_bias"]))
+    with pytest.raises(HFExportError, match="load_balancing=expert_bias"):
+        choose_target(cfg, validate(cfg, world_size=1, check_files=False, has_cuda=False))
+    cfg.model.moe.load_balancing = "none"  # softmax top-k: exportable
+    choose_target(cfg, validate(cfg, world_size=1, check_files=False, has_cuda=False))
