@@ -468,6 +468,12 @@ def _validate_recompute(cfg: Config, moe_layers: List[int]) -> None:
             _require(rc.num_layers <= per_stage,
                      f"model.recompute.method=block recomputes model.recompute.num_layers={rc.num_layers} layers per "
                      f"pipeline stage, which has {per_stage}: set model.recompute.num_layers between 1 and {per_stage}.")
+        # Under fp8 megatron recomputes through Transformer Engine's checkpoint, which does not set the
+        # flag a recomputed MoD layer reads to reuse its forward's top-k set (model/recompute.py).
+        _require(not (m.mod.enabled and str(cfg.train.precision) == "fp8"),
+                 "model.recompute.granularity=full with MoD layers and train.precision=fp8: megatron then recomputes "
+                 "through Transformer Engine's checkpoint, where a MoD layer cannot reuse its forward's top-k set. "
+                 "Use model.recompute.granularity=selective, or train.precision=bf16.")
         return
     # selective: megatron requires recompute_num_layers None and ignores the method.
     _require(str(rc.method) == "uniform" and rc.num_layers == 1,

@@ -165,6 +165,12 @@ def check(*overrides, world_size=1):
       "model.moe.num_experts=2"], 1, "model.moe.shared_expert_ffn_hidden_size is null"),
     (["model.recompute.granularity=selective", "model.recompute.modules=[moe,shared_experts]",
       "model.moe.num_experts=2", "model.moe.shared_expert_ffn_hidden_size=64"], 1, "Drop shared_experts"),
+    (["model.recompute.granularity=selective", "model.recompute.modules=[moe_act]", "model.moe.num_experts=2"], 1,
+     "set model.moe.grouped_gemm=true"),
+    (["model.recompute.granularity=selective", "model.recompute.modules=[moe_act]", "model.moe.num_experts=2",
+      "model.moe.grouped_gemm=true"], 1, "falls back to the sequential experts here"),
+    (["model=tiny_mod", "model.recompute.granularity=full", "train.precision=fp8"], 1,
+     "a MoD layer cannot reuse its forward's top-k set"),
 ])
 def test_impossible_recompute_settings_are_rejected(overrides, world, needle):
     with pytest.raises(ConfigError) as e:
