@@ -116,21 +116,16 @@ def test_spike_rolls_back_and_continues(runs):
     assert losses(spike, "learning rate")[6] == losses(out / "applied", "learning rate")[6]
 
 
-# The hung rank waits this long for its watchdog: far above a step of this tiny model (tens of
-# ms; the first, and a checkpoint, well under a second) even on a loaded machine.
-STEP_TIMEOUT_S = 10
-
-
 @pytest.mark.slow
 def test_watchdog_stops_a_hung_rank_and_the_job_resumes(tmp_path, tiny_data):
     run_dir = tmp_path / "hang"
     common = base(tiny_data, f"train.run_dir={run_dir}", f"tracking.tracking_uri=sqlite:///{run_dir}/mlflow.db",
-                  "checkpoint.save_interval=3", f"train.step_timeout_s={STEP_TIMEOUT_S}")
+                  "checkpoint.save_interval=3", "train.step_timeout_s=20")
     hung = torchrun(2, ["-m", "mod_train.train", *common, "train.inject.hang_at_step=5", "train.inject.ranks=[1]"],
                     timeout=300)
     assert hung.returncode != 0, hung.stdout[-2000:]
     dump = (run_dir / "watchdog" / "rank_00001.txt").read_text()
-    assert f"rank 1: step 5 ran past train.step_timeout_s={STEP_TIMEOUT_S} s" in dump
+    assert "rank 1: step 5 ran past train.step_timeout_s=20 s" in dump
     assert "in before_step" in dump and "in fit" in dump  # the hung frame and the loop around it
     assert "stacks in" in hung.stderr and "exiting with code 86" in hung.stderr
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]
