@@ -43,10 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 # name: model.recompute overrides
 SETTINGS: Dict[str, List[str]] = {
     "none": [],
-    "selective core_attn": ["model.recompute.granularity=selective", "model.recompute.modules=[core_attn]"],
-    "selective mlp": ["model.recompute.granularity=selective", "model.recompute.modules=[mlp]"],
-    "selective core_attn+mlp": ["model.recompute.granularity=selective", "model.recompute.modules=[core_attn,mlp]"],
-    "full block half": ["model.recompute.granularity=full", "model.recompute.method=block"],  # num_layers: half
+    "selective-core_attn": ["model.recompute.granularity=selective", "model.recompute.modules=[core_attn]"],
+    "selective-mlp": ["model.recompute.granularity=selective", "model.recompute.modules=[mlp]"],
+    "selective-core_attn+mlp": ["model.recompute.granularity=selective", "model.recompute.modules=[core_attn,mlp]"],
+    "full-block-half": ["model.recompute.granularity=full", "model.recompute.method=block"],  # num_layers: half
     "full": ["model.recompute.granularity=full"],  # uniform, every layer
 }
 
@@ -57,13 +57,13 @@ SCALES = {
             list(SETTINGS), [0, 1, 2, 3]),
     # One GPU: ZeRO at DP1 partitions nothing, so no ZeRO sweep by default.
     "gpu": (["model=gpt_125m", "model.seq_length=4096", "model.vocab_size=32000", "parallel.micro_batch_size=4"],
-            ["none", "selective mlp", "full"], []),
+            ["none", "selective-mlp", "full"], []),
 }
 
 
 def setting_overrides(name: str, num_layers: int) -> List[str]:
     extra = list(SETTINGS[name])
-    if name == "full block half":
+    if name == "full-block-half":
         extra.append(f"model.recompute.num_layers={max(num_layers // 2, 1)}")
     return extra
 
@@ -134,7 +134,7 @@ def child(args) -> None:
         overrides = [*args.model_overrides, *setting_overrides(name, args.num_layers),
                      f"parallel.zero_stage={args.zero_one}", "data=mock", "train.max_steps=2", "train.log_interval=1",
                      "train.eval_interval=1000000", "checkpoint.save=false", "tracking.enabled=false",
-                     f"train.run_dir={args.run_dir}/{name.replace(' ', '_')}_z{args.zero_one}"]
+                     f"train.run_dir={args.run_dir}/{name.replace('+', '_')}_z{args.zero_one}"]
         results[name] = measure(overrides)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
