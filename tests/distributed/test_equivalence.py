@@ -92,9 +92,11 @@ CASES = {
                                                "model.recompute.modules=[core_attn,mlp]"], {"pp": 2}),
     "moe_recompute_full_tp2_sp": (2, "moe", ["parallel.tp=2", "parallel.sequence_parallel=true",
                                              "model.recompute.granularity=full"], {"tp": 2, "ep": 1}),
-    "moe_recompute_selective_tp2_sp": (2, "moe", ["parallel.tp=2", "parallel.sequence_parallel=true",
-                                                  "model.recompute.granularity=selective",
-                                                  "model.recompute.modules=[core_attn,mlp,moe]"], {"tp": 2, "ep": 1}),
+    # The recomputed MoE layer repeats its expert-parallel all-to-all in backward.
+    "moe_recompute_selective_tp2_sp_ep2": (4, "moe", ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                      "parallel.ep=2", "model.recompute.granularity=selective",
+                                                      "model.recompute.modules=[core_attn,mlp,moe]"],
+                                           {"tp": 2, "ep": 2, "dp": 2}),
 }
 
 
