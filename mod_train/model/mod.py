@@ -82,12 +82,14 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, add: bool) -> torch.Tensor:
-    """Out-of-place: x [s, b, h] with rows idx [b, k] replaced by (or increased by) values [k, b, h]."""
-    h = x.size(-1)
-    index = idx.unsqueeze(-1).expand(-1, -1, h)
-    xb, vb = x.transpose(0, 1), values.transpose(0, 1).to(x.dtype)
-    out = xb.scatter_add(1, index, vb) if add else xb.scatter(1, index, vb)
-    return out.transpose(0, 1)
+    """Out-of-place: x [s, b, h] with rows idx [b, k] replaced by (or increased by) values [k, b, h].
+
+    Scatters along the sequence dimension of x's own [s, b, h] layout, so the result is as
+    contiguous as x: a MoD layer that ends a pipeline stage's model chunk sends it to the next
+    stage, and gloo's send refuses a non-contiguous (transposed) tensor."""
+    index = idx.t().unsqueeze(-1).expand(-1, -1, x.size(-1))  # [k, b, h]
+    values = values.to(x.dtype)
+    return x.scatter_add(0, index, values) if add else x.scatter(0, index, values)
 
 
 def gather_rope(rotary_pos_emb: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor]:

@@ -33,6 +33,8 @@ MODELS = {
             "model.mod.capacity=0.25"],
     "tied": ["model.tie_embeddings=true"],
     "moe": ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.every=2", "model.moe.offset=1"],
+    "mod_l4": ["model=tiny_mod", "model.num_layers=4", "model.hidden_size=32", "model.seq_length=32",
+               "model.mod.capacity=0.25"],  # MoD layers 1 and 3: one per virtual stage of PP2 x VPP2's rank 1
     # Packed documents: the MoD model (a dense and a MoD layer) with document masking, restarted
     # learned positions (rope ignores position ids) and no loss after EOD, through the real GPTDataset.
     "mod_docmask": ["model=tiny_mod", "model.num_layers=2", "model.hidden_size=32", "model.seq_length=32",
@@ -79,13 +81,13 @@ CASES = {
                                   {"tp": 2, "etp": 1, "ep": 2, "dp": 2, "zero_stage": 2}),
     # Activation recomputation (model.recompute) against the reference without it. Layer 0 of the
     # mod and moe models is dense, so every case also recomputes a dense layer. Full: the MoD layer
-    # reuses its forward's top-k set in the recompute, under the TP broadcast, the 1F1B schedule
-    # (4 micro-batches in flight) and ZeRO-3's re-gathered parameters.
+    # reuses its forward's top-k set in the recompute, under the TP broadcast, the interleaved
+    # schedule (per model chunk, 4 micro-batches in flight) and ZeRO-3's re-gathered parameters.
     "mod_recompute_full_tp2_sp": (2, "mod", ["parallel.tp=2", "parallel.sequence_parallel=true",
                                              "model.recompute.granularity=full", "model.recompute.num_layers=2"],
                                   {"tp": 2, "sequence_parallel": True}),
-    "mod_recompute_full_pp2": (2, "mod", ["parallel.pp=2", "model.recompute.granularity=full",
-                                          "model.recompute.method=block"], {"pp": 2}),
+    "mod_recompute_full_pp2_vpp2": (2, "mod_l4", ["parallel.pp=2", "parallel.vpp=2", "model.recompute.granularity=full",
+                                                  "model.recompute.method=block"], {"pp": 2, "vpp": 2}),
     "mod_recompute_full_dp2_zero3": (2, "mod", ["parallel.zero_stage=3", "model.recompute.granularity=full"],
                                      {"dp": 2, "zero_stage": 3}),
     "mod_recompute_selective_pp2": (2, "mod", ["parallel.pp=2", "model.recompute.granularity=selective",
@@ -157,8 +159,8 @@ def test_mod_routing_stats_match(equivalence_runs):
     key = "mod/layer2/causal_acc"
     want = losses(equivalence_runs / "ref_mod", key)
     assert sorted(want) == list(range(1, STEPS + 1))
-    for case in ("mod_tp2", "mod_tp2_sp", "mod_pp2", "mod_recompute_full_tp2_sp", "mod_recompute_full_pp2",
-                 "mod_recompute_full_dp2_zero3", "mod_recompute_selective_pp2"):
+    for case in ("mod_tp2", "mod_tp2_sp", "mod_pp2", "mod_recompute_full_tp2_sp", "mod_recompute_full_dp2_zero3",
+                 "mod_recompute_selective_pp2"):
         got = losses(equivalence_runs / case, key)
         assert sorted(got) == sorted(want), case
         for step in want:
