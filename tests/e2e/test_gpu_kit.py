@@ -28,10 +28,11 @@ import gpu_kit  # noqa: E402
 import gpu_suite  # noqa: E402
 
 # Small enough for the test's time, large enough on 2 idle cores for env, the smoke runs and part
-# of throughput (a child costs ~8 s of start-up): the shares give the smoke part ~35 s for its
-# ~12 s dense run, throughput ~40 s for its ~10 s dense twin; later parts run or are skipped with
-# the reason (the planner's choice is tested above). On a machine busy with other work, raise it.
-REHEARSAL_BUDGET_S = float(os.environ.get("GPU_KIT_REHEARSAL_BUDGET_S", "120"))
+# of throughput (a child costs ~8 s of start-up): the shares give the smoke part ~42 s, twice its
+# dense run (20.6 s measured on 2 idle cores), throughput ~40 s for its ~11 s dense twin; later
+# parts run or are skipped with the reason (the planner's choice is tested above). On a machine
+# busy with other work, raise it.
+REHEARSAL_BUDGET_S = float(os.environ.get("GPU_KIT_REHEARSAL_BUDGET_S", "140"))
 
 
 def test_kit_plan_is_what_the_image_lacks():
