@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python -m launch.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 # wheels for bench/gpu_suite.py on a GPU machine with no package registry (docs/gpu.md)
 gpu-kit: $(STAMP)
