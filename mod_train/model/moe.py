@@ -179,8 +179,10 @@ def _redraw_weight(weight: torch.Tensor, init_method, seed: int, tp_rank: int, t
             skip_set_tensor_parallel_attributes=True)
 
 
-class SeededSequentialMLP(SequentialMLP):
-    """megatron's SequentialMLP whose experts are drawn independently of the EP layout."""
+class _LayoutIndependentExperts:
+    """Mixin for megatron's expert modules: build them as megatron does, then redraw every local
+    expert from a seed of its GLOBAL index, so the experts do not depend on the EP (or TP) layout.
+    List it before the megatron class: ``super().__init__`` is then the megatron constructor."""
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None):
         from megatron.core.utils import get_pg_rank, get_pg_size
@@ -193,38 +195,37 @@ class SeededSequentialMLP(SequentialMLP):
             return
         first = get_pg_rank(self.ep_group) * num_local_experts
         tp_rank, tp_size = get_pg_rank(self.tp_group), get_pg_size(self.tp_group)
-        for local, expert in enumerate(self.local_experts):
-            g = first + local
-            _redraw_linear(expert.linear_fc1, self.config.init_method, _expert_seed(layer_seed, g, 1), tp_rank, tp_size)
-            _redraw_linear(expert.linear_fc2, self.config.output_layer_init_method, _expert_seed(layer_seed, g, 2),
-                           tp_rank, tp_size)
+        for local in range(num_local_experts):
+            self.redraw_expert(local, first + local, layer_seed, tp_rank, tp_size)
+
+    def redraw_expert(self, local: int, g: int, layer_seed: int, tp_rank: int, tp_size: int) -> None:
+        raise NotImplementedError
 
 
-class SeededTEGroupedMLP(TEGroupedMLP):
+class SeededSequentialMLP(_LayoutIndependentExperts, SequentialMLP):
+    """megatron's SequentialMLP whose experts are drawn independently of the EP layout."""
+
+    def redraw_expert(self, local, g, layer_seed, tp_rank, tp_size):
+        expert = self.local_experts[local]
+        _redraw_linear(expert.linear_fc1, self.config.init_method, _expert_seed(layer_seed, g, 1), tp_rank, tp_size)
+        _redraw_linear(expert.linear_fc2, self.config.output_layer_init_method, _expert_seed(layer_seed, g, 2),
+                       tp_rank, tp_size)
+
+
+class SeededTEGroupedMLP(_LayoutIndependentExperts, TEGroupedMLP):
     """megatron's grouped-GEMM experts (``model.moe.grouped_gemm``, see expert_mlp.py) drawn like
     :class:`SeededSequentialMLP`: expert g's fc1/fc2 get the same weights as sequential expert g
     (same seeds, megatron's CPU initialisation, the SwiGLU fc1 interleaved with stride 2 as
     megatron's MLP does), so grouped and sequential models start equal under every EP size."""
 
-    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
-        from megatron.core.utils import get_pg_rank, get_pg_size
-
-        layer_seed = int(torch.randint(0, 2**62, (1,)).item())
-        with torch.random.fork_rng(devices=[]):
-            super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
-        if not self.config.perform_initialization:
-            return
-        first = get_pg_rank(self.ep_group) * num_local_experts
-        tp_rank, tp_size = get_pg_rank(self.tp_group), get_pg_size(self.tp_group)
+    def redraw_expert(self, local, g, layer_seed, tp_rank, tp_size):
         fc1_stride = 2 if self.config.gated_linear_unit else 1
-        for local in range(num_local_experts):
-            g = first + local
-            # TE's grouped linears hold one weight per local expert, already this rank's TP slice:
-            # fc1 column-parallel (rows split), fc2 row-parallel (columns split).
-            _redraw_weight(getattr(self.linear_fc1, f"weight{local}"), self.config.init_method,
-                           _expert_seed(layer_seed, g, 1), tp_rank, tp_size, 0, fc1_stride, tp_size > 1)
-            _redraw_weight(getattr(self.linear_fc2, f"weight{local}"), self.config.output_layer_init_method,
-                           _expert_seed(layer_seed, g, 2), tp_rank, tp_size, 1, 1, tp_size > 1)
+        # TE's grouped linears hold one weight per local expert, already this rank's TP slice:
+        # fc1 column-parallel (rows split), fc2 row-parallel (columns split).
+        _redraw_weight(getattr(self.linear_fc1, f"weight{local}"), self.config.init_method,
+                       _expert_seed(layer_seed, g, 1), tp_rank, tp_size, 0, fc1_stride, tp_size > 1)
+        _redraw_weight(getattr(self.linear_fc2, f"weight{local}"), self.config.output_layer_init_method,
+                       _expert_seed(layer_seed, g, 2), tp_rank, tp_size, 1, 1, tp_size > 1)
 
 
 # ----------------------------------------------------------------------------- spec
