@@ -459,30 +459,28 @@ def part_throughput(ctx: Context) -> None:
     ctx.rec.save()
 
 
-def part_mod_layer(ctx: Context) -> None:
+def script_item(ctx: Context, part: str, name: str, script: str, args, keep) -> None:
+    """One budgeted item that runs a bench script printing a result line; ``keep(parsed)``: the
+    fields of that line recorded with the outcome."""
     def run() -> dict:
-        code, out, _ = ctx.run("mod_layer", "capacities", [sys.executable, str(BENCH / "mod_layer.py"),
-                                                            *ctx.scale.mod_layer_args])
+        code, out, _ = ctx.run(part, name, [sys.executable, str(BENCH / script), *args])
         parsed = result_line(out)
         res = outcome(code, out, parsed)
         if parsed:
-            res.update({k: v for k, v in parsed.items() if k != "args"})
+            res.update(keep(parsed))
         return res
 
-    item(ctx, "mod_layer", "capacities", ctx.scale.prior_s["mod_layer"], run)
+    item(ctx, part, name, ctx.scale.prior_s[part], run)
+
+
+def part_mod_layer(ctx: Context) -> None:
+    script_item(ctx, "mod_layer", "capacities", "mod_layer.py", ctx.scale.mod_layer_args,
+                lambda parsed: {k: v for k, v in parsed.items() if k != "args"})
 
 
 def part_memory(ctx: Context) -> None:
-    def run() -> dict:
-        code, out, _ = ctx.run("memory", "recompute", [sys.executable, str(BENCH / "memory.py"),
-                                                        *ctx.scale.memory_args])
-        parsed = result_line(out)
-        res = outcome(code, out, parsed)
-        if parsed:
-            res.update(rows=parsed["rows"], overrides=parsed["overrides"])
-        return res
-
-    item(ctx, "memory", "recompute", ctx.scale.prior_s["memory"], run)
+    script_item(ctx, "memory", "recompute", "memory.py", ctx.scale.memory_args,
+                lambda parsed: {"rows": parsed["rows"], "overrides": parsed["overrides"]})
 
 
 def prepared_data(ctx: Context) -> Optional[Tuple[Path, Path]]:
