@@ -127,11 +127,12 @@ def _ranks_when_training(launcher: subprocess.Popen, run: Path, timeout: float =
 
 
 def test_second_launch_is_refused_and_no_rank_outlives_a_killed_or_stopped_launcher(tmp_path):
-    """Two launches at once (their start-up costs overlap): A is the target of a second launch and
-    a direct mod_train.train (both refused, owner named, started together), then its process group
-    is SIGKILLed; B gets SIGTERM (the launcher alone), stops its ranks and releases its lock.
-    A's ranks sleep from their second step on (an injected hang): alive, holding the lock, but not
-    taking the CPU from B's start and the refused commands (the kill does not care what they do)."""
+    """Two launches at once (their start-up costs overlap). B gets SIGTERM (the launcher alone, a
+    job's termination) as soon as its ranks train: it stops its ranks and releases its lock, and no
+    longer takes the CPU from A's start. A is the target of a second launch and a direct
+    mod_train.train (both refused, owner named, started together), then its process group is
+    SIGKILLed. A's ranks sleep from their second step on (an injected hang): alive, holding the
+    lock, but idle while the refused commands start (the kill does not care what they do)."""
     import psutil
 
     runs = {k: tmp_path / k for k in "AB"}
@@ -142,7 +143,11 @@ def test_second_launch_is_refused_and_no_rank_outlives_a_killed_or_stopped_launc
                                  text=True, start_new_session=True) for k, run in runs.items()}
     ranks, refused = {}, {}
     try:
-        ranks = {k: _ranks_when_training(procs[k], runs[k]) for k in "AB"}
+        ranks["B"] = _ranks_when_training(procs["B"], runs["B"])
+        os.kill(procs["B"].pid, signal.SIGTERM)  # B: the launcher alone; its ranks stop at the end of a step
+        assert procs["B"].wait(timeout=120) != 0
+
+        ranks["A"] = _ranks_when_training(procs["A"], runs["A"])
         first = procs["A"]
         refused = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True)
@@ -159,8 +164,6 @@ def test_second_launch_is_refused_and_no_rank_outlives_a_killed_or_stopped_launc
 
         os.killpg(first.pid, signal.SIGKILL)  # A: the launcher's whole process group, as a user would
         first.wait()
-        os.kill(procs["B"].pid, signal.SIGTERM)  # B: the launcher alone (a job's termination)
-        assert procs["B"].wait(timeout=120) != 0
     finally:
         for proc in refused.values():
             if proc.poll() is None:
