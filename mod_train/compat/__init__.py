@@ -7,7 +7,8 @@ state in the tensor-parallel RNG tracker, CUDA streams in the MoE all-to-all dis
 alltoall dispatcher only converts to numpy for CUDA tensors, the router's expert-bias counter
 that megatron hands to ``torch.compile`` (a C++ build per process on CPU), the uneven all-gather /
 reduce-scatter it does over TP ranks (which gloo lacks), and two "no Transformer Engine / no Apex" gaps (an
-unbound ``te_general_gemm`` and a torch norm wrapper that refuses sequence parallelism).
+unbound ``te_general_gemm`` and a torch norm wrapper that refuses sequence parallelism), and the
+process groups its ``destroy_model_parallel`` leaves alive (each gloo group keeps a polling thread).
 
 This package adapts exactly those sites and nothing else, one module per family:
 
@@ -18,6 +19,7 @@ This package adapts exactly those sites and nothing else, one module per family:
 ``sequence_parallel``  torch-norm-sequence-parallel, uneven-sequence-parallel-gloo
 ``device_sites.py``    cuda-device:<module> (a table), tied-embedding-cuda
 ``no_te.py``           moe-te-general-gemm: NOT about the CPU; needed wherever TE is missing
+``process_groups.py``  reuse-process-groups (megatron's teardown leaves its groups alive)
 ``registry.py``        the one list, and when each patch applies
 =====================  ==============================================================
 

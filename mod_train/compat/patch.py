@@ -41,6 +41,7 @@ class Family(str, Enum):
     moe = "moe"  # MoE token dispatcher assumptions about CUDA tensors; a torch.compile'd router op
     sequence_parallel = "sequence-parallel"  # SP collectives and norms without NCCL / Apex / TE
     device_site = "device-site"  # `torch.cuda` / `device="cuda"` / `.cuda()` on the training path
+    process_groups = "process-groups"  # groups megatron creates again on every initialization (gloo threads)
     # Not about the CPU: a gap when Transformer Engine is not installed, on any device.
     no_te = "no-te"
 

@@ -14,7 +14,7 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 
-from mod_train.compat import device_sites, moe, no_te, rng, sequence_parallel
+from mod_train.compat import device_sites, moe, no_te, process_groups, rng, sequence_parallel
 from mod_train.compat.patch import Patch
 
 __all__ = ["PATCHES", "REGISTRY", "PatchRegistry", "transformer_engine_available"]
@@ -26,6 +26,7 @@ PATCHES: Tuple[Patch, ...] = (
     device_sites.TIED_EMBEDDING_PATCH,
     *sequence_parallel.PATCHES,
     *device_sites.PATCHES,
+    *process_groups.PATCHES,
 )
 
 

@@ -55,7 +55,7 @@ def test_upstream_check_passes(patch):
 
 
 def test_patch_names_unique_and_documented():
-    assert len(set(ALL_NAMES)) == len(ALL_NAMES) == 22
+    assert len(set(ALL_NAMES)) == len(ALL_NAMES) == 23
     assert all(p.target and isinstance(p.family, Family) for p in PATCHES)
     # The one adaptation that is not about the CPU is named as such, and only it.
     assert [(p.name, p.family) for p in PATCHES if not p.cpu_only] == [("moe-te-general-gemm", Family.no_te)]
@@ -197,6 +197,58 @@ def test_moe_aux_loss_tracker_initialises_on_cpu(gloo_world):
                                 force_initialize=True, track_names=["load_balancing_loss"],
                                 num_layers=2)
     assert total["load_balancing_loss"].device.type == "cpu"
+
+
+def _gloo_threads() -> int:
+    import os
+
+    return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "gloo_tcp_loop"
+               for t in os.listdir("/proc/self/task"))
+
+
+def test_initializing_parallel_state_again_reuses_its_process_groups(gloo_world):
+    """reuse-process-groups: megatron's destroy_model_parallel leaves its groups alive (each gloo
+    group with a thread polling 100 times a second); initializing again with the same layout hands
+    back the same groups instead of a new set, a different layout makes the groups it lacks, and
+    after the default group is replaced nothing of the old world is handed out."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from tests.helpers import free_port
+
+    def groups():
+        return {"tp": ps.get_tensor_model_parallel_group(), "dp": ps.get_data_parallel_group(),
+                "ep": ps.get_expert_model_parallel_group(), "mp": ps.get_model_parallel_group()}
+
+    first, threads = groups(), _gloo_threads()
+    assert threads >= len(first)  # one transport thread per gloo group this rank is in
+    for _ in range(3):
+        ps.destroy_model_parallel()
+        ps.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+    assert groups() == first and _gloo_threads() == threads
+    dist.all_reduce(torch.ones(1), group=ps.get_tensor_model_parallel_group())  # a live group
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(1, 1, create_gloo_process_groups=True)  # adds the gloo side-groups
+    assert groups() == first and _gloo_threads() > threads
+    ps.destroy_model_parallel()  # destroys its gloo side-groups: c10d no longer holds them
+    ps.initialize_model_parallel(1, 1, create_gloo_process_groups=True)  # so they are made anew
+    dist.all_reduce(torch.ones(1), group=ps.get_data_parallel_group_gloo())
+    ps.destroy_model_parallel()
+
+    world = dist.group.WORLD
+    dist.destroy_process_group()  # a new world: none of the old groups may come back
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        ps.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+        assert dist.group.WORLD is not world
+        assert all(g is not first[k] for k, g in groups().items())
+        dist.all_reduce(torch.ones(1), group=ps.get_tensor_model_parallel_group())
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        ps.initialize_model_parallel(1, 1, create_gloo_process_groups=False)  # as gloo_world left it
 
 
 # ------------------------------------------------------------------ RNG tracker
