@@ -22,8 +22,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m launch.demo
 
+# Two pytest workers, one test file each at a time (module fixtures such as the equivalence
+# launches are built once): a single one leaves a core idle a third of the time, because a
+# process's start-up (imports) runs on one core. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 # wheels for bench/gpu_suite.py on a GPU machine with no package registry (docs/gpu.md)
 gpu-kit: $(STAMP)

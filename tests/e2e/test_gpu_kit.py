@@ -30,9 +30,11 @@ import gpu_suite  # noqa: E402
 # Small enough for the test's time, large enough on 2 idle cores for env, the smoke runs and part
 # of throughput (a child costs ~8 s of start-up): the shares give the smoke part ~42 s, twice its
 # dense run (20.6 s measured on 2 idle cores), throughput ~40 s for its ~11 s dense twin; later
-# parts run or are skipped with the reason (the planner's choice is tested above). On a machine
-# busy with other work, raise it.
-REHEARSAL_BUDGET_S = float(os.environ.get("GPU_KIT_REHEARSAL_BUDGET_S", "140"))
+# parts run or are skipped with the reason (the planner's choice is tested above). Beside a second
+# pytest worker (make test runs two) the suite gets about one core: 200 s (181 s measured there).
+# On a machine busy with other work, raise it.
+REHEARSAL_BUDGET_S = float(os.environ.get("GPU_KIT_REHEARSAL_BUDGET_S",
+                                          "200" if os.environ.get("PYTEST_XDIST_WORKER") else "140"))
 
 
 def test_kit_plan_is_what_the_image_lacks():
