@@ -209,8 +209,9 @@ def _gloo_threads() -> int:
 def test_initializing_parallel_state_again_reuses_its_process_groups(gloo_world):
     """reuse-process-groups: megatron's destroy_model_parallel leaves its groups alive (each gloo
     group with a thread polling 100 times a second); initializing again with the same layout hands
-    back the same groups instead of a new set, a different layout makes the groups it lacks, and
-    after the default group is replaced nothing of the old world is handed out."""
+    back the same groups instead of a new set; asking for more (megatron's gloo side-groups) makes
+    only those, and once megatron destroys them they are made anew; after the default group is
+    replaced nothing of the old world is handed out."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
